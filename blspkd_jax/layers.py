@@ -1,0 +1,92 @@
+"""Building blocks shared by the encoder, the adapter and the LLM: the layer stack (looped or
+`nn.scan`ned, with a remat policy) and the parameter helpers that attach logical axis names.
+
+`nn.scan` and remat are one switch each and never change outputs: tests hold looped == scanned ==
+rematerialised. Scanned parameters carry a leading "layers" axis under one `layers` subtree;
+looped ones live under `layers_0 ... layers_{n-1}`; `stack_layers`/`unstack_layers` convert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param(module: nn.Module, name: str, init, shape, names, dtype=jnp.float32):
+    """`module.param` with logical axis names attached (one name per dimension)."""
+    assert len(names) == len(shape), (name, shape, names)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class Stack(nn.Module):
+    """`num_layers` copies of `block_cls(**block_kwargs)` applied in sequence.
+
+    Each block is called as `block(x, *args) -> x`; `args` (masks, positions, ...) are shared by all
+    layers. With `scan=True` the layers are one `nn.scan` (compile time independent of depth) and
+    parameters gain a leading "layers" axis; `remat` picks a policy from `REMAT_POLICIES`.
+    """
+
+    block_cls: Any
+    block_kwargs: Mapping[str, Any]
+    num_layers: int
+    scan: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x, *args):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat: unknown policy {self.remat!r}, expected {list(REMAT_POLICIES)}"
+            )
+        block_cls = self.block_cls
+        if self.remat != "none":
+            # prevent_cse only matters outside scan; inside it XLA cannot CSE across iterations.
+            block_cls = nn.remat(
+                block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan
+            )
+        kwargs = dict(self.block_kwargs)
+        if not self.scan:
+            for i in range(self.num_layers):
+                x = block_cls(**kwargs, name=f"layers_{i}")(x, *args)
+            return x
+
+        def body(block, carry, *a):
+            return block(carry, *a), None
+
+        scanned = nn.scan(
+            body,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = scanned(block_cls(**kwargs, name="layers"), x, *args)
+        return x
+
+
+def stack_layers(tree: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """{"layers_0": p0, ..., "layers_{n-1}": p} -> {"layers": stacked}, leaves stacked on axis 0."""
+    per_layer = [tree[f"layers_{i}"] for i in range(num_layers)]
+    out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return out
+
+
+def unstack_layers(tree: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Inverse of `stack_layers`."""
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+    return out

@@ -1,0 +1,82 @@
+"""Logical axis names and the one rules table that maps them onto the (data, fsdp, tensor) mesh.
+
+Every parameter is created with logical names (`nn.with_logical_partitioning`) and every large
+activation is pinned with `nn.with_logical_constraint`; nothing else in the package names a mesh
+axis. Changing how the model is sharded means changing `RULES`, nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or axes, or None for replicated).
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Activations.
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # Parameters.
+    ("embed", "fsdp"),  # model width: H for the LLM, D for the encoder and adapter
+    ("heads", "tensor"),  # query heads x head_dim, flattened
+    ("kv_heads", "tensor"),  # key/value heads x head_dim, flattened
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("lora_rank", None),
+    ("layers", None),  # the stacked axis of nn.scan
+    ("norm", None),  # norm scales and biases: small, replicated
+    ("conv_in", None),  # mel channels and conv taps
+    ("pos", None),  # position tables
+)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules=RULES) -> PartitionSpec:
+    """Logical names of one array -> its PartitionSpec under `rules`."""
+    return nn.logical_to_mesh_axes(names, rules)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1 (the rest).
+
+    Raises ValueError naming the config keys `mesh.data`, `mesh.fsdp`, `mesh.tensor` when the sizes
+    don't multiply to the device count.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh: {len(devices)} devices are not divisible by mesh sizes {sizes} (-1 = rest)"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh: mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
+            f"{len(devices)} devices (sizes {dict(zip(MESH_AXES, sizes, strict=True))})"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_shardings(mesh: Mesh, abstract_tree, rules=RULES):
+    """NamedShardings for a tree of (possibly `nn.LogicallyPartitioned`) values from eval_shape."""
+    specs = nn.get_partition_spec(abstract_tree)
+    specs = nn.logical_to_mesh(specs, rules)
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
