@@ -191,7 +191,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def write_state_dict(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], max_shard_bytes: int = 5 << 30
 ) -> None:
-    """Write tensors as model.safetensors, or as shards plus an index when over `max_shard_bytes`."""
+    """Write model.safetensors, or shards plus an index when over `max_shard_bytes`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
