@@ -1,0 +1,139 @@
+"""Config files (big_vision style): a Python file whose `get_config(arg)` returns a ConfigDict,
+picked as `--config path.py[:arg]` and overridden leaf by leaf as `--config.a.b=value`.
+
+Unknown keys are rejected by name, values are parsed to the type the config already holds, and
+the resolved config is written to the workdir so a run can be reproduced from it alone.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def load_module(path: str | Path):
+    """Import a config file as a module (its folder need not be a package)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path.py` or `path.py:arg` -> the ConfigDict its `get_config(arg)` returns (unlocked)."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(arg) function")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    return config
+
+
+def _parse_value(key: str, text: str, current):
+    """Parse `text` to the type of `current` (the default held by the config)."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}: expected a bool, got {text!r}")
+    if isinstance(current, str) or current is None:
+        if current is None:
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return text
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"--config.{key}: could not parse {text!r} as {type(current).__name__}"
+        ) from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(current)(value)
+    if not isinstance(value, type(current)):
+        raise ConfigError(
+            f"--config.{key}: expected {type(current).__name__} (default {current!r}), got {text!r}"
+        )
+    return value
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value, *, parse: bool = True) -> None:
+    """Set dotted `key` in place, refusing keys the config does not have."""
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "<top level>"
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(
+                f"unknown config key {key!r}: {where} has no {part!r} (known keys: {', '.join(known)})"
+            )
+        if i < len(parts) - 1:
+            node = node[part]
+    last = parts[-1]
+    if parse and isinstance(value, str):
+        value = _parse_value(key, value, node[last])
+    with node.ignore_type():
+        node[last] = value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    """Apply `--config.a.b=value` strings (or `a.b=value`) in order."""
+    for item in overrides:
+        text = item.removeprefix("--config.").removeprefix("config.")
+        if "=" not in text:
+            raise ConfigError(f"override {item!r}: expected --config.KEY=VALUE")
+        key, value = text.split("=", 1)
+        set_key(config, key, value)
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.x=y` overrides from the other arguments."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    return rest, overrides
+
+
+def require_keys(config: ml_collections.ConfigDict, keys: Iterable[str], where: str) -> None:
+    """Fail naming the first missing dotted key (SPEC section 8 lists the keys every config has)."""
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(f"{where}: config has no {key!r}, which every config must define")
+            node = node[part]
+
+
+def save_config(config: ml_collections.ConfigDict, path: str | Path) -> None:
+    """Write the resolved config as JSON (tuples become lists) for the record."""
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: leaf value}."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
