@@ -17,9 +17,9 @@ venv: $(STAMP)
 
 # espeak-ng speaks the embedded corpus; installed with apt-get when we are root.
 system-deps:
-	@command -v espeak-ng >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q espeak-ng; \
-	  else echo "espeak-ng is missing: run 'sudo apt-get install espeak-ng'" >&2; exit 1; fi; }
+	@{ command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/wordnet ]; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q espeak-ng wordnet-base; \
+	  else echo "espeak-ng or wordnet-base is missing: run 'sudo apt-get install espeak-ng wordnet-base'" >&2; exit 1; fi; }
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
