@@ -63,6 +63,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: file not found") from None
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
     out = {}
@@ -92,7 +94,8 @@ def write_safetensors(
     arrays = {}
     offset = 0
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.asarray(tensors[name])
+        a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray turns 0-d into 1-d
         if a.dtype not in _ST_NAMES:
             raise TypeError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
         header[name] = {
@@ -148,12 +151,18 @@ def _torch_load_safe(path: Path) -> dict[str, np.ndarray]:
         ) from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
     except Exception as e:  # torch raises UnpicklingError and friends
         raise CheckpointError(
             f"{path}: refused or unreadable as weights-only pickle ({e})"
         ) from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
     out = {}
     for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         if v.dtype == torch.bfloat16:
             out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
@@ -203,6 +212,10 @@ def write_state_dict(
             size = 0
         shards[-1][name] = tensors[name]
         size += nbytes
+    # Remove what an earlier save left in this directory: readers prefer an index over a single
+    # file, so a stale index would shadow the new weights.
+    for stale in [path / SAFE_INDEX, path / SAFE_NAME, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
     if len(shards) == 1:
         write_safetensors(path / SAFE_NAME, shards[0])
         return
