@@ -1,0 +1,895 @@
+"""The decoder-only LLM (Llama 3.x, Qwen2/2.5, Qwen3, Mistral) with PLoRA and a KV cache, in Flax,
+and its mapping to and from Hugging Face checkpoints.
+
+One module serves every family through config switches: grouped-query attention, QKV/output/MLP
+biases, per-head q/k RMSNorm, tied embeddings, RoPE theta and "linear"/"llama3" RoPE scaling.
+PLoRA (SPEC section 2) adds `m * (B A dropout(x)) * alpha / r` to targeted projections, with `m` a
+per-position mask; a zero or absent mask leaves the base model's output bit for bit unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from blspkd_jax.layers import Stack, param, stack_layers, unstack_layers
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+# model_type -> the architecture name transformers' AutoModelForCausalLM instantiates.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+# transformers' per-family defaults for fields a config.json may leave out.
+_HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2": {"max_position_embeddings": 32768},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "mistral": {"max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2},
+}
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+ROPE_TYPES = ("default", "linear", "llama3")
+# PEFT's LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
+LORA_A_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _dtype(x) -> np.dtype:
+    return np.dtype(jnp.dtype(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Sizes and switches of one decoder LLM; also the runtime options (dtypes, scan, remat, LoRA).
+
+    Construct from sizes for random initialisation (`LLMConfig(vocab_size=..., hidden_size=...,
+    intermediate_size=..., num_layers=..., num_heads=...)`), or with `from_hf(config_json_dict)`.
+    `model_type` only decides how `to_hf` writes the config (and which biases it can express).
+
+    `sliding_window`: we always run full attention. When a checkpoint declares a sliding window,
+    it is kept here and any call whose key length exceeds it raises (there the two would differ);
+    at or below it the two are identical.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None: num_heads (plain multi-head attention)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_position_embeddings: int | None = (
+        None  # llama3; None: max_position_embeddings
+    )
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2 (always), Llama/Qwen3 attention_bias
+    o_bias: bool = False  # Llama/Qwen3 attention_bias
+    mlp_bias: bool = False  # Llama mlp_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Runtime options (not part of the checkpoint).
+    dtype: Any = jnp.float32  # compute
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"  # a key of blspkd_jax.layers.REMAT_POLICIES
+    # PLoRA. Rank 0 means no LoRA parameters at all; `with_lora()` gives the paper's defaults.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        if self.num_kv_heads is None:
+            set_("num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // self.num_heads)
+        set_("dtype", _dtype(self.dtype))
+        set_("param_dtype", _dtype(self.param_dtype))
+        set_("lora_targets", tuple(self.lora_targets))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"LLMConfig.model_type: {self.model_type!r} is not supported; "
+                f"expected one of {sorted(ARCHITECTURES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LLMConfig: num_heads {self.num_heads} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads} (num_key_value_heads)"
+            )
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"LLMConfig.rope_type: {self.rope_type!r} is not supported; expected one of "
+                f"{ROPE_TYPES}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LLMConfig.head_dim: {self.head_dim} must be even for RoPE")
+        bad = set(self.lora_targets) - set(LORA_TARGETS)
+        if bad:
+            raise ValueError(
+                f"LLMConfig.lora_targets: unknown {sorted(bad)}; "
+                f"expected a subset of {LORA_TARGETS}"
+            )
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(
+                f"LLMConfig: lora_rank {self.lora_rank} must be >= 0 and lora_dropout "
+                f"{self.lora_dropout} in [0, 1)"
+            )
+
+    def with_lora(
+        self,
+        rank: int = 16,
+        alpha: float = 16.0,
+        dropout: float = 0.05,
+        targets: tuple[str, ...] = LORA_TARGETS,
+    ) -> LLMConfig:
+        """This config with PLoRA on (defaults: the paper's r=16, alpha=16, dropout=0.05)."""
+        return dataclasses.replace(
+            self, lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, lora_targets=targets
+        )
+
+    def replace(self, **changes) -> LLMConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- Hugging Face config.json ------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> LLMConfig:
+        """An `LLMConfig` from a Hugging Face config.json dict; `overrides` replace any field.
+
+        Accepts both RoPE spellings: transformers 5's `rope_parameters` and the older top-level
+        `rope_theta` plus `rope_scaling`. Raises ValueError for an unsupported model_type, hidden
+        activation, RoPE type or partial rotary factor.
+        """
+        mt = hf.get("model_type")
+        if mt not in ARCHITECTURES:
+            raise ValueError(
+                f"config.json: model_type {mt!r} is not supported; expected one of "
+                f"{sorted(ARCHITECTURES)} (Llama 3.x, Qwen2/2.5, Qwen3, Mistral)"
+            )
+        # A key absent from the file takes transformers' class default; an explicit null stays.
+        get = lambda k, default=None: hf[k] if k in hf else _HF_DEFAULTS[mt].get(k, default)
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported; expected 'silu'")
+        num_heads = hf["num_attention_heads"]
+        head_dim = get("head_dim") or hf["hidden_size"] // num_heads
+        max_pos = get("max_position_embeddings") or 4096
+
+        # RoPE: transformers 5 nests everything in `rope_parameters`; older files have rope_theta
+        # at top level and an optional `rope_scaling` dict ("type" in very old files).
+        rope = dict(hf.get("rope_parameters") or {})
+        rope.update(hf.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"config.json: rope type {rope_type!r} (rope_parameters/rope_scaling) is not "
+                f"supported; expected one of {ROPE_TYPES}"
+            )
+        prf = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if prf not in (None, 1.0):
+            raise ValueError(f"config.json: partial_rotary_factor {prf} is not supported (use 1.0)")
+        rope_fields = {"rope_theta": float(theta), "rope_type": rope_type}
+        if rope_type in ("linear", "llama3"):
+            rope_fields["rope_factor"] = float(rope["factor"])
+        if rope_type == "llama3":
+            rope_fields.update(
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_position_embeddings=int(
+                    rope.get("original_max_position_embeddings")
+                    or hf.get("original_max_position_embeddings")
+                    or max_pos
+                ),
+            )
+
+        if mt == "llama":
+            bias = dict(
+                qkv_bias=bool(hf.get("attention_bias", False)),
+                o_bias=bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+            )
+        elif mt == "qwen2":
+            bias = dict(qkv_bias=True, o_bias=False, mlp_bias=False)
+        elif mt == "qwen3":
+            ab = bool(hf.get("attention_bias", False))
+            bias = dict(qkv_bias=ab, o_bias=ab, mlp_bias=False)
+        else:  # mistral
+            bias = dict(qkv_bias=False, o_bias=False, mlp_bias=False)
+
+        # Which layers would use a sliding window in transformers, and so whether one matters.
+        window = hf.get("sliding_window")
+        if mt in ("qwen2", "qwen3"):
+            if hf.get("layer_types") is not None:
+                uses = "sliding_attention" in hf["layer_types"]
+            else:
+                mwl = hf.get("max_window_layers", 28)
+                uses = bool(hf.get("use_sliding_window", False)) and mwl < hf["num_hidden_layers"]
+            window = window if uses else None
+        elif mt == "llama":
+            window = None
+
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            model_type=mt,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=max_pos,
+            qk_norm=mt == "qwen3",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=get("bos_token_id"),
+            eos_token_id=get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            **rope_fields,
+            **bias,
+        )
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"LLMConfig.from_hf: unknown override(s) {sorted(unknown)}")
+        return cls(**{**fields, **overrides})
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers' AutoConfig/AutoModelForCausalLM load.
+
+        Writes RoPE both ways (`rope_parameters` for transformers 5, `rope_theta`/`rope_scaling`
+        for 4.x). Raises ValueError when the biases cannot be expressed by `model_type`.
+        """
+        mt = self.model_type
+        expressible = {
+            "llama": self.qkv_bias == self.o_bias and not self.qk_norm,
+            "qwen2": self.qkv_bias and not self.o_bias and not self.mlp_bias and not self.qk_norm,
+            "qwen3": self.qkv_bias == self.o_bias and not self.mlp_bias and self.qk_norm,
+            "mistral": not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm),
+        }[mt]
+        if not expressible:
+            raise ValueError(
+                f"LLMConfig.to_hf: model_type {mt!r} cannot express qkv_bias={self.qkv_bias}, "
+                f"o_bias={self.o_bias}, mlp_bias={self.mlp_bias}, qk_norm={self.qk_norm}"
+            )
+        rope: dict[str, Any] = {"rope_type": self.rope_type}
+        if self.rope_type in ("linear", "llama3"):
+            rope["factor"] = self.rope_factor
+        if self.rope_type == "llama3":
+            rope.update(
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings
+                or self.max_position_embeddings,
+            )
+        out: dict[str, Any] = {
+            "model_type": mt,
+            "architectures": [ARCHITECTURES[mt]],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (
+                list(self.eos_token_id)
+                if isinstance(self.eos_token_id, tuple)
+                else self.eos_token_id
+            ),
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": str(self.param_dtype),
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope if self.rope_type != "default" else None,
+            "rope_parameters": {**rope, "rope_theta": self.rope_theta},
+        }
+        if mt == "llama":
+            out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if mt == "qwen3":
+            out.update(attention_bias=self.qkv_bias)
+        if mt in ("qwen2", "qwen3"):
+            sliding = self.sliding_window is not None
+            out.update(
+                use_sliding_window=sliding,
+                sliding_window=self.sliding_window,
+                max_window_layers=0 if sliding else self.num_layers,
+                layer_types=[("sliding_attention" if sliding else "full_attention")]
+                * self.num_layers,
+            )
+        if mt == "mistral":
+            out.update(sliding_window=self.sliding_window)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def rope_inv_freq(config: LLMConfig) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim / 2] in float32, as transformers computes them."""
+    f32 = np.float32
+    dim = config.head_dim
+    inv = f32(1.0) / (f32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
+    if config.rope_type == "linear":
+        inv = inv / f32(config.rope_factor)
+    elif config.rope_type == "llama3":
+        # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+        factor = f32(config.rope_factor)
+        lo, hi = f32(config.rope_low_freq_factor), f32(config.rope_high_freq_factor)
+        old = f32(config.rope_original_max_position_embeddings or config.max_position_embeddings)
+        wavelen = f32(2 * math.pi) / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(f32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate `x [B, L, heads, Dh]` by `positions [B, L]` (rotate-half layout), in float32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis: statistics in float32, scale applied in the compute dtype."""
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param(
+            self, "scale", nn.initializers.ones_init(), (x.shape[-1],), ("norm",), self.param_dtype
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """`y = x W + b`, plus PLoRA `m * (dropout(x) A B) * alpha / r` when `lora_rank > 0`.
+
+    Kernel [in, out] with logical names `axes`; LoRA A [in, r] and B [r, out]. LoRA parameters exist
+    whenever `lora_rank > 0`; the LoRA branch is computed only when a `lora_mask [B, L]` is given,
+    and positions where it is 0 get exactly `x W + b`.
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    init_range: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, lora_mask=None, deterministic=True):
+        d_in = x.shape[-1]
+        kernel = param(
+            self,
+            "kernel",
+            nn.initializers.normal(self.init_range),
+            (d_in, self.features),
+            self.axes,
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            zeros = nn.initializers.zeros_init()
+            b = param(self, "bias", zeros, (self.features,), self.axes[1:], self.param_dtype)
+            y = y + b.astype(self.dtype)
+        if self.lora_rank:
+            r, (ax_in, ax_out) = self.lora_rank, self.axes
+            a = param(
+                self, "lora_a", LORA_A_INIT, (d_in, r), (ax_in, "lora_rank"), self.param_dtype
+            )
+            zeros = nn.initializers.zeros_init()
+            b = param(
+                self, "lora_b", zeros, (r, self.features), ("lora_rank", ax_out), self.param_dtype
+            )
+            if lora_mask is not None:
+                h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
+                delta = jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype))
+                m = lora_mask.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
+                # where() rather than a bare product: a zero mask must give x W + b exactly, even
+                # if the LoRA branch held an inf.
+                y = jnp.where(lora_mask[..., None] != 0, y + delta * m, y)
+        return y
+
+
+def _linear(config: LLMConfig, features, axes, target, use_bias, name):
+    lora = target in config.lora_targets
+    return Linear(
+        features,
+        axes,
+        use_bias=use_bias,
+        lora_rank=config.lora_rank if lora else 0,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        init_range=config.initializer_range,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE, optional q/k norm, and a KV cache.
+
+    `x [B, L, H]`, `positions [B, L]`, `mask [B, L, S]` bool (query may see key), `cache_index`
+    int32 scalar (first cache slot written by this call; used only when decoding), `lora_mask
+    [B, L]` or None. With `decode=True` the "cache" collection holds keys and values
+    `[B, S, K, Dh]`; S is fixed when the cache is created (see `init_cache`).
+    """
+
+    config: LLMConfig
+    decode: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index, lora_mask):
+        c = self.config
+        B, L, _ = x.shape
+        N, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+        lin = functools.partial(_linear, c)
+        call = lambda mod, h: mod(h, lora_mask, self.deterministic)
+        q = call(lin(N * Dh, ("embed", "heads"), "q", c.qkv_bias, "q_proj"), x)
+        k = call(lin(K * Dh, ("embed", "kv_heads"), "k", c.qkv_bias, "k_proj"), x)
+        v = call(lin(K * Dh, ("embed", "kv_heads"), "v", c.qkv_bias, "v_proj"), x)
+        q, k, v = q.reshape(B, L, N, Dh), k.reshape(B, L, K, Dh), v.reshape(B, L, K, Dh)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
+        inv_freq = rope_inv_freq(c)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
+        k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", None))
+        v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", None))
+
+        if self.decode:
+            ready = self.has_variable("cache", "cached_key")
+            ck = self.variable("cache", "cached_key", jnp.zeros, (B, L, K, Dh), c.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, (B, L, K, Dh), c.dtype)
+            if ready:  # otherwise this is the call that creates the cache: plain attention
+                start = (0, cache_index, 0, 0)
+                ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(c.dtype), start)
+                cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(c.dtype), start)
+                k, v = ck.value, cv.value
+
+        # [B, L, K, G, Dh] x [B, S, K, Dh]: each group of G query heads shares one key/value head.
+        qg = q.reshape(B, L, K, N // K, Dh)
+        s = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32)
+        s = s * (Dh**-0.5)
+        # A finite fill keeps a fully masked row (a left-pad query) finite rather than NaN.
+        s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(c.dtype)
+        o = jnp.einsum("bkgls,bskd->blkgd", p, v.astype(c.dtype)).reshape(B, L, N * Dh)
+        o = nn.with_logical_constraint(o, ("act_batch", "act_len", "act_heads"))
+        return call(lin(c.hidden_size, ("heads", "embed"), "o", c.o_bias, "o_proj"), o)
+
+
+class MLP(nn.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`, `[B, L, H] -> [B, L, H]`."""
+
+    config: LLMConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, lora_mask):
+        c = self.config
+        lin = functools.partial(_linear, c)
+        call = lambda mod, h: mod(h, lora_mask, self.deterministic)
+        g = call(lin(c.intermediate_size, ("embed", "mlp"), "gate", c.mlp_bias, "gate_proj"), x)
+        u = call(lin(c.intermediate_size, ("embed", "mlp"), "up", c.mlp_bias, "up_proj"), x)
+        h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("act_batch", "act_len", "act_mlp"))
+        return call(lin(c.hidden_size, ("mlp", "embed"), "down", c.mlp_bias, "down_proj"), h)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm attention then pre-norm MLP, both residual. `[B, L, H] -> [B, L, H]`."""
+
+    config: LLMConfig
+    decode: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index, lora_mask):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="input_norm")(x)
+        h = Attention(c, self.decode, self.deterministic, name="attn")(
+            h, positions, mask, cache_index, lora_mask
+        )
+        x = x + h
+        h = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="post_attn_norm")(x)
+        x = x + MLP(c, self.deterministic, name="mlp")(h, lora_mask)
+        return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+
+class Embedder(nn.Module):
+    """Token embedding table [V, H]; `attend` is the tied output head."""
+
+    config: LLMConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = param(
+            self,
+            "embedding",
+            nn.initializers.normal(c.initializer_range),
+            (c.vocab_size, c.hidden_size),
+            ("vocab", "embed"),
+            c.param_dtype,
+        )
+
+    def __call__(self, input_ids):
+        x = jnp.take(self.embedding, input_ids, axis=0).astype(self.config.dtype)
+        return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+    def attend(self, x):
+        e = self.embedding.astype(self.config.dtype)
+        return jnp.einsum("blh,vh->blv", x, e, preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+    """Untied output head: kernel [H, V]."""
+
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kernel = param(
+            self,
+            "kernel",
+            nn.initializers.normal(c.initializer_range),
+            (c.hidden_size, c.vocab_size),
+            ("embed", "vocab"),
+            c.param_dtype,
+        )
+        return jnp.einsum(
+            "blh,hv->blv", x, kernel.astype(c.dtype), preferred_element_type=jnp.float32
+        )
+
+
+def default_positions(attention_mask, offset=None):
+    """`cumsum(mask) - 1` clipped at 0 (transformers' rule for left padding), plus `offset [B]`."""
+    pos = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return pos if offset is None else pos + offset[:, None]
+
+
+class LLM(nn.Module):
+    """The decoder LLM. `apply({"params": p}, input_ids [B, L])` -> logits `[B, L, V]` (float32).
+
+    Call: `(input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+    lora_mask=None, return_hidden=False, deterministic=True, decode=False)`.
+    - `attention_mask [B, L]` (1 = token, 0 = padding; left padding for generation).
+    - `positions [B, L]` default `cumsum(attention_mask) - 1` clipped at 0 (arange without a mask),
+      counted on from the tokens already in the cache when decoding.
+    - `lora_mask [B, L]`: PLoRA's per-position switch; None (or zeros) gives the base LLM exactly.
+    - `return_hidden=True`: the final-norm hidden states `[B, L, H]` instead of logits.
+    - `deterministic=False` turns on LoRA dropout (needs the "dropout" rng).
+    - `decode=True` with a "cache" collection (`init_cache`, `mutable=["cache"]`): appends this
+      call's keys/values at the cache's write index and attends over everything cached so far;
+      use it for a (left-padded) prefill and then one token per call.
+    """
+
+    config: LLMConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = Embedder(c)
+        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = LMHead(c)
+
+    def embed(self, input_ids):
+        """Token embeddings `[B, L, H]` in the compute dtype (the teacher's text input)."""
+        return self.embed_tokens(input_ids)
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        *,
+        inputs_embeds=None,
+        attention_mask=None,
+        positions=None,
+        lora_mask=None,
+        return_hidden=False,
+        deterministic=True,
+        decode=False,
+    ):
+        c = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "LLM: pass exactly one of input_ids [B, L] and inputs_embeds [B, L, H]"
+            )
+        if input_ids is not None:
+            x = self.embed_tokens(input_ids)
+        else:
+            x = nn.with_logical_constraint(
+                inputs_embeds.astype(c.dtype), ("act_batch", "act_len", "act_embed")
+            )
+        B, L, _ = x.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, L), jnp.bool_)
+        attention_mask = attention_mask.astype(jnp.bool_)
+
+        offset = None
+        q_slot = jnp.arange(L)
+        cache_index = jnp.zeros((), jnp.int32)
+        key_mask = attention_mask
+        if decode:
+            ready = self.has_variable("cache", "cache_index")
+            c_mask = self.variable("cache", "cache_mask", jnp.zeros, (B, L), jnp.bool_)
+            c_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            if ready:
+                cache_index = c_index.value
+                offset = jnp.sum(c_mask.value, axis=-1, dtype=jnp.int32)  # tokens already seen
+                key_mask = jax.lax.dynamic_update_slice(
+                    c_mask.value, attention_mask, (0, cache_index)
+                )
+                q_slot = cache_index + q_slot
+                c_mask.value = key_mask
+                c_index.value = cache_index + L
+        S = key_mask.shape[1]
+        if c.sliding_window is not None and c.sliding_window < S:
+            raise ValueError(
+                f"LLM: {S} keys exceed the checkpoint's sliding_window {c.sliding_window}; this "
+                "implementation runs full attention, which differs from a sliding window there. "
+                "Use shorter sequences (or a cache of at most sliding_window slots)."
+            )
+        if positions is None:
+            positions = default_positions(attention_mask, offset)
+        mask = key_mask[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])
+
+        x = Stack(
+            DecoderBlock,
+            {"config": c, "decode": decode, "deterministic": deterministic},
+            c.num_layers,
+            scan=c.scan_layers,
+            remat=c.remat,
+            name="blocks",
+        )(x, positions, mask, cache_index, lora_mask)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
+        return nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
+
+
+def lm_head_kernel(config: LLMConfig, params) -> jax.Array:
+    """The output head `[H, V]` (the embedding transposed when tied), in the parameter dtype."""
+    if config.tie_word_embeddings:
+        return jnp.asarray(params["embed_tokens"]["embedding"]).T
+    return jnp.asarray(params["lm_head"]["kernel"])
+
+
+def init_cache(config: LLMConfig, batch_size: int, max_length: int):
+    """An empty "cache" collection for `batch_size` sequences of up to `max_length` tokens.
+
+    Writing past `max_length` is not detected inside jit (the write index clamps): size it for
+    the prompt plus every token to generate.
+    """
+    model = LLM(config)
+    ids = jnp.zeros((batch_size, max_length), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# PLoRA parameter helpers.
+
+
+def is_lora_path(path: tuple[str, ...] | str) -> bool:
+    """Whether a parameter path (tuple of keys, or "a/b/c") is a PLoRA weight."""
+    parts = path.split("/") if isinstance(path, str) else path
+    return any("lora" in str(p) for p in parts)
+
+
+def split_lora(params) -> tuple[dict, dict]:
+    """(base, lora): the params tree split by `is_lora_path`; `merge_params` puts them back."""
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    base = {k: v for k, v in flat.items() if not is_lora_path(k)}
+    lora = {k: v for k, v in flat.items() if is_lora_path(k)}
+    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(lora)
+
+
+def merge_params(*trees) -> dict:
+    """Deep merge of disjoint parameter trees (e.g. loaded base weights and `init_lora_params`)."""
+    flat: dict = {}
+    for t in trees:
+        for k, v in traverse_util.flatten_dict(t).items():
+            if k in flat:
+                raise ValueError(f"merge_params: {'/'.join(k)} is in more than one tree")
+            flat[k] = v
+    return traverse_util.unflatten_dict(flat)
+
+
+def init_lora_params(config: LLMConfig, rng) -> dict:
+    """Fresh PLoRA weights (A random, B zero) for `config` (lora_rank > 0), as a plain tree to
+    merge into loaded base weights with `merge_params`.
+
+    Only the model's structure is traced (`jax.eval_shape`), so no random base LLM is ever built.
+    A is drawn with the same initialiser as `Linear` (scanned A's [layers, in, r] keep fan_in = in).
+    """
+    if not config.lora_rank:
+        raise ValueError("init_lora_params: config.lora_rank is 0; use config.with_lora() first")
+    abstract = jax.eval_shape(
+        lambda: LLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+    flat = traverse_util.flatten_dict(nn.unbox(abstract))
+    lora = sorted(k for k in flat if is_lora_path(k))
+
+    @jax.jit
+    def init(rng):
+        keys = jax.random.split(rng, len(lora))
+        return {
+            k: LORA_A_INIT(key, flat[k].shape, flat[k].dtype)
+            if k[-1] == "lora_a"
+            else jnp.zeros(flat[k].shape, flat[k].dtype)
+            for k, key in zip(lora, keys, strict=True)
+        }
+
+    return traverse_util.unflatten_dict(init(rng))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face names. Rows: (HF name, our path, transpose). HF Linear weights are [out, in] and
+# our kernels [in, out]. A row applies when the module actually has that parameter for a config
+# (a bias, q/k norms, an untied head), so the model's own structure decides which rows are used.
+
+HF_TOP = (
+    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
+    ("model.norm.weight", "norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+)
+HF_LAYER = (  # under "model.layers.{i}." and our "blocks/layers_{i}/"
+    ("input_layernorm.weight", "input_norm/scale", False),
+    ("post_attention_layernorm.weight", "post_attn_norm/scale", False),
+    ("self_attn.q_proj.weight", "attn/q_proj/kernel", True),
+    ("self_attn.k_proj.weight", "attn/k_proj/kernel", True),
+    ("self_attn.v_proj.weight", "attn/v_proj/kernel", True),
+    ("self_attn.o_proj.weight", "attn/o_proj/kernel", True),
+    ("self_attn.q_proj.bias", "attn/q_proj/bias", False),
+    ("self_attn.k_proj.bias", "attn/k_proj/bias", False),
+    ("self_attn.v_proj.bias", "attn/v_proj/bias", False),
+    ("self_attn.o_proj.bias", "attn/o_proj/bias", False),
+    ("self_attn.q_norm.weight", "attn/q_norm/scale", False),
+    ("self_attn.k_norm.weight", "attn/k_norm/scale", False),
+    ("mlp.gate_proj.weight", "mlp/gate_proj/kernel", True),
+    ("mlp.up_proj.weight", "mlp/up_proj/kernel", True),
+    ("mlp.down_proj.weight", "mlp/down_proj/kernel", True),
+    ("mlp.gate_proj.bias", "mlp/gate_proj/bias", False),
+    ("mlp.up_proj.bias", "mlp/up_proj/bias", False),
+    ("mlp.down_proj.bias", "mlp/down_proj/bias", False),
+)
+# Checkpoint tensors that carry no weights we need (old Llama files saved RoPE tables).
+HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _base_shapes(config: LLMConfig) -> dict[str, tuple[int, ...]]:
+    """ "a/b/c" -> shape of every base (non-LoRA) parameter of the looped model."""
+    cfg = dataclasses.replace(config, scan_layers=False, remat="none", lora_rank=0)
+    abstract = jax.eval_shape(
+        lambda: LLM(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+    flat = traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _hf_rows(config: LLMConfig):
+    """(HF name, our path, transpose) for every parameter, layers expanded."""
+    for hf, ours, t in HF_TOP:
+        yield hf, ours, t
+    for i in range(config.num_layers):
+        for hf, ours, t in HF_LAYER:
+            yield f"model.layers.{i}.{hf}", f"blocks/layers_{i}/{ours}", t
+
+
+def params_from_hf(config: LLMConfig, state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Our params tree (base weights, `config.param_dtype`, scanned if `config.scan_layers`) from
+    a Hugging Face state dict.
+
+    Raises KeyError naming a missing tensor, ValueError naming a tensor of the wrong shape or a
+    `model.*` tensor this config has no place for (a feature we do not support, e.g. a bias the
+    config does not declare). Other extras (a tied `lm_head.weight`, RoPE tables) are ignored.
+    """
+    shapes = _base_shapes(config)
+    flat, used = {}, set()
+    for hf, ours, transpose in _hf_rows(config):
+        if ours not in shapes:
+            continue
+        if hf not in state_dict:
+            raise KeyError(f"checkpoint: tensor {hf!r} is missing (needed for {ours})")
+        a = np.asarray(state_dict[hf])
+        a = a.T if transpose else a
+        if a.shape != shapes[ours]:
+            raise ValueError(
+                f"checkpoint: tensor {hf!r} has shape {np.shape(state_dict[hf])}, expected "
+                f"{shapes[ours][::-1] if transpose else shapes[ours]} from config.json"
+            )
+        flat[ours] = jnp.asarray(a, dtype=config.param_dtype)
+        used.add(hf)
+    extra = sorted(
+        k
+        for k in state_dict
+        if k not in used and k.startswith("model.") and not HF_IGNORED.search(k)
+    )
+    if extra:
+        raise ValueError(
+            f"checkpoint: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "
+            f"this {config.model_type} config (qkv_bias={config.qkv_bias}, o_bias={config.o_bias}, "
+            f"mlp_bias={config.mlp_bias}, qk_norm={config.qk_norm}): unsupported feature"
+        )
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    if config.scan_layers:
+        params["blocks"] = stack_layers(params["blocks"], config.num_layers)
+    return params
+
+
+def params_to_hf(config: LLMConfig, params) -> dict[str, np.ndarray]:
+    """Hugging Face state dict of the base weights (inverse of `params_from_hf`).
+
+    PLoRA weights are not part of a plain LLM checkpoint and are never merged into W (that would
+    change text behaviour); they are left out here (take them with `split_lora`). A tied head
+    writes no `lm_head.weight`.
+    """
+    params = nn.unbox(params)
+    if config.scan_layers:
+        params = {**params, "blocks": unstack_layers(params["blocks"], config.num_layers)}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    out = {}
+    for hf, ours, transpose in _hf_rows(config):
+        if ours in flat:
+            a = np.asarray(flat[ours])
+            out[hf] = np.ascontiguousarray(a.T if transpose else a)
+    return out

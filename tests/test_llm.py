@@ -1,0 +1,521 @@
+"""The decoder LLM against transformers' PyTorch models (Llama, Qwen2, Qwen3, Mistral): logits,
+left padding, export round trips, bf16, scan/remat, the KV cache, and PLoRA."""
+
+import copy
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from flax import traverse_util
+
+from blspkd_jax import hf, llm
+from blspkd_jax.layers import unstack_layers
+
+V, H, FF, NL = 64, 32, 48, 2
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small on purpose: with head_dim 8 and theta 5e5 the wavelengths (6.3, 167, ...) then fall
+    # in the ramp and the "divided by factor" bands, so every branch of the scaling is exercised.
+    "original_max_position_embeddings": 8,
+}
+FAMILIES = {
+    "llama_gqa_llama3": (
+        transformers.LlamaConfig,
+        dict(
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=5e5, rope_scaling=LLAMA3_ROPE
+        ),
+    ),
+    "llama_tied_bias": (
+        transformers.LlamaConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        dict(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6
+        ),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),  # head_dim != H / heads
+    ),
+    "mistral": (transformers.MistralConfig, dict(num_attention_heads=4, num_key_value_heads=1)),
+}
+TOL = 1e-4  # fp32 logits vs transformers
+
+
+def _randomize(model, seed):
+    """Weights large enough that logits are O(1), so a 1e-4 tolerance means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> (directory, torch model): tiny random models saved once for the whole file."""
+    out = {}
+    for i, (fam, (cls, kw)) in enumerate(FAMILIES.items()):
+        cfg = cls(
+            vocab_size=V,
+            hidden_size=H,
+            intermediate_size=FF,
+            num_hidden_layers=NL,
+            attn_implementation="eager",
+            **kw,
+        )
+        torch.manual_seed(i)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+        _randomize(model.eval(), i)
+        path = tmp_path_factory.mktemp(fam)
+        model.save_pretrained(path)
+        out[fam] = (path, model)
+    return out
+
+
+def _torch_logits(model, ids, attention_mask=None, position_ids=None):
+    kw = {}
+    if attention_mask is not None:
+        kw["attention_mask"] = torch.tensor(np.asarray(attention_mask), dtype=torch.long)
+    if position_ids is not None:
+        kw["position_ids"] = torch.tensor(np.asarray(position_ids), dtype=torch.long)
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids)), **kw).logits.float().numpy()
+
+
+def _ids(seed, shape):
+    return np.random.RandomState(seed).randint(0, V, shape).astype(np.int32)
+
+
+@functools.cache
+def _forward(config):
+    """One jitted forward per config (eager Flax compiles every op separately: far slower here)."""
+    module = llm.LLM(config)
+    return jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, attention_mask=mask))
+
+
+def _logits(module, params, ids, mask=None):
+    mask = np.ones(ids.shape, np.int32) if mask is None else mask
+    return np.asarray(_forward(module.config)(params, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers.
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_logits_and_left_padding_match_transformers(saved, fam):
+    path, model = saved[fam]
+    module, params = hf.load_llm(path)
+    ids = _ids(0, (2, 12))
+    ref = _torch_logits(model, ids)
+    ours = _logits(module, params, ids)
+    assert ours.shape == (2, 12, V)
+    assert np.abs(ours - ref).max() <= TOL
+    assert np.abs(ref).max() > 1.0  # the tolerance is small against the logits' scale
+
+    # Left padding: row 1 is its 9 real tokens after 3 pads; each row must equal itself run alone.
+    mask = np.ones((2, 12), np.int32)
+    mask[1, :3] = 0
+    padded = _logits(module, params, ids, mask)
+    alone = _torch_logits(model, ids[1:, 3:])
+    assert np.abs(padded[0] - ref[0]).max() <= TOL
+    assert np.abs(padded[1, 3:] - alone[0]).max() <= TOL
+
+
+def test_llama3_rope_frequencies_match_transformers(saved):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    path, model = saved["llama_gqa_llama3"]
+    config = llm.LLMConfig.from_hf(hf.read_config(path))
+    assert config.rope_type == "llama3" and config.rope_original_max_position_embeddings == 8
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    np.testing.assert_allclose(llm.rope_inv_freq(config), ref.numpy(), rtol=1e-6)
+    # The scaling really changes the frequencies (so the logits test covers it).
+    plain = llm.rope_inv_freq(dataclasses.replace(config, rope_type="default"))
+    assert np.abs(plain - ref.numpy()).max() > 1e-3
+
+
+def test_old_and_new_rope_spellings_agree(saved):
+    new = hf.read_config(saved["llama_gqa_llama3"][0])
+    old = {k: v for k, v in new.items() if k != "rope_parameters"}
+    old["rope_theta"] = new["rope_parameters"]["rope_theta"]
+    old["rope_scaling"] = {k: v for k, v in new["rope_parameters"].items() if k != "rope_theta"}
+    old["rope_scaling"]["type"] = old["rope_scaling"].pop("rope_type")
+    assert llm.LLMConfig.from_hf(old) == llm.LLMConfig.from_hf(new)
+
+
+@pytest.mark.parametrize("fam", ["llama_gqa_llama3", "qwen2", "qwen3"])
+def test_export_round_trip(saved, fam, tmp_path):
+    path, model = saved[fam]
+    module, params = hf.load_llm(path)
+    config = module.config
+    assert llm.LLMConfig.from_hf(config.to_hf()) == config
+    hf.save_llm(tmp_path, config, params)
+
+    # safetensors round trip is exact, tensor for tensor (a tied head writes no lm_head.weight).
+    original = hf.read_state_dict(path)
+    exported = hf.read_state_dict(tmp_path)
+    assert set(exported) == set(original) - (
+        {"lm_head.weight"} if config.tie_word_embeddings else set()
+    )
+    for k, a in exported.items():
+        assert a.dtype == original[k].dtype and np.array_equal(a, original[k]), k
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    )
+    assert type(reloaded) is type(model)
+    ids = _ids(1, (2, 10))
+    np.testing.assert_array_equal(_torch_logits(reloaded.eval(), ids), _torch_logits(model, ids))
+    _, params2 = hf.load_llm(tmp_path)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_bf16_close_to_fp32(saved):
+    path, model = saved["llama_gqa_llama3"]
+    ids = _ids(2, (2, 12))
+    ref = _torch_logits(model, ids)
+    module, params = hf.load_llm(path, dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    ours = _logits(module, params, ids)
+    err = np.abs(ours - ref).max()
+    # Measured 0.026-0.036 over 3 inputs x 3 families (logits of max |x| ~ 3); transformers' own
+    # bf16 model is off by 0.023-0.035 on the same inputs.
+    assert err < 0.08, err
+    torch_bf16 = _torch_logits(copy.deepcopy(model).to(torch.bfloat16), ids)
+    assert err < 2 * np.abs(torch_bf16 - ref).max()
+    module, params = hf.load_llm(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert module.config.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+
+
+def test_random_init_exports_to_transformers(tmp_path):
+    """A model built from sizes (no checkpoint) saves as a directory transformers runs alike."""
+    config = llm.LLMConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_layers=NL,
+        num_heads=4,
+        num_kv_heads=2,
+        model_type="mistral",
+        rope_theta=1e4,
+        eos_token_id=[1, 2],
+        initializer_range=0.3,  # large weights, so logits are O(1) and the check is tight
+    )
+    assert config.head_dim == 8 and config.eos_token_id == (1, 2)
+    init = jax.jit(lambda k: llm.LLM(config).init(k, jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.unbox(init(jax.random.key(0)))
+    assert abs(float(params["embed_tokens"]["embedding"].std()) - 0.3) < 0.05
+    hf.save_llm(tmp_path, config, params)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert model.config.sliding_window is None and model.config.eos_token_id == [1, 2]
+    ids = _ids(8, (2, 12))
+    ref = _torch_logits(model.eval(), ids)
+    assert np.abs(ref).max() > 1.0
+    np.testing.assert_allclose(_logits(llm.LLM(config), params, ids), ref, atol=TOL)
+    with pytest.raises(ValueError, match="cannot express"):
+        dataclasses.replace(config, qkv_bias=True).to_hf()
+    with pytest.raises(ValueError, match="not a multiple"):
+        dataclasses.replace(config, num_kv_heads=3)
+    with pytest.raises(ValueError, match="lora_targets"):
+        config.with_lora(targets=("q", "lm_head"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading errors.
+
+
+def test_config_and_checkpoint_errors(saved):
+    path, _ = saved["mistral"]
+    cfg = hf.read_config(path)
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        llm.LLMConfig.from_hf({**cfg, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        llm.LLMConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        llm.LLMConfig.from_hf({**cfg, "hidden_act": "gelu"})
+    with pytest.raises(TypeError, match="unknown override"):
+        llm.LLMConfig.from_hf(cfg, not_a_field=1)
+
+    config = llm.LLMConfig.from_hf(cfg)
+    sd = dict(hf.read_state_dict(path))
+    missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        llm.params_from_hf(config, missing)
+    extra = {**sd, "model.layers.0.self_attn.o_proj.bias": np.zeros(H, np.float32)}
+    with pytest.raises(ValueError, match="o_proj.bias"):
+        llm.params_from_hf(config, extra)
+    wrong = {**sd, "model.norm.weight": np.zeros(H + 1, np.float32)}
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        llm.params_from_hf(config, wrong)
+    # Harmless extras are ignored.
+    llm.params_from_hf(config, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4)})
+
+
+def test_sliding_window_beyond_window_raises(saved):
+    path, _ = saved["mistral"]
+    config = llm.LLMConfig.from_hf(hf.read_config(path), sliding_window=8)
+    params = llm.params_from_hf(config, hf.read_state_dict(path))
+    run = lambda n: jax.eval_shape(
+        llm.LLM(config).apply, {"params": params}, jnp.zeros((1, n), int)
+    )
+    run(8)  # at the window full attention is identical: allowed
+    with pytest.raises(ValueError, match="sliding_window 8"):
+        run(9)
+    qwen = hf.read_config(saved["qwen2"][0])
+    assert llm.LLMConfig.from_hf(qwen).sliding_window is None  # use_sliding_window false
+    on = {**qwen, "use_sliding_window": True, "sliding_window": 16, "layer_types": None}
+    assert llm.LLMConfig.from_hf({**on, "max_window_layers": 1}).sliding_window == 16
+    assert llm.LLMConfig.from_hf({**on, "max_window_layers": NL}).sliding_window is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods used by the distillation loss and the composed model.
+
+
+@pytest.mark.parametrize("fam", ["llama_gqa_llama3", "qwen2"])  # untied and tied heads
+def test_embed_hidden_and_lm_head(saved, fam):
+    path, _ = saved[fam]
+    module, params = hf.load_llm(path)
+
+    @jax.jit
+    def outputs(params, ids):
+        v = {"params": params}
+        emb = module.apply(v, ids, method=llm.LLM.embed)
+        return (
+            module.apply(v, ids),
+            module.apply(v, ids, return_hidden=True),
+            emb,
+            module.apply(v, inputs_embeds=emb),
+        )
+
+    ids = jnp.asarray(_ids(3, (2, 12)))
+    logits, hidden, emb, from_embeds = outputs(params, ids)
+    head = llm.lm_head_kernel(module.config, params)
+    assert hidden.shape == (2, 12, H) and head.shape == (H, V)
+    np.testing.assert_allclose(hidden @ head, logits, atol=1e-5)
+    np.testing.assert_array_equal(emb, params["embed_tokens"]["embedding"][ids])
+    np.testing.assert_array_equal(from_embeds, logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# scan / remat.
+
+
+def test_scan_and_remat_change_nothing(saved):
+    path, _ = saved["qwen3"]
+    base = llm.LLMConfig.from_hf(hf.read_config(path))
+    ids = jnp.asarray(_ids(4, (2, 12)))
+    w = jnp.asarray(np.random.RandomState(0).randn(2, 12, V).astype(np.float32))
+
+    def run(scan, remat):
+        config = dataclasses.replace(base, scan_layers=scan, remat=remat)
+        params = llm.params_from_hf(config, hf.read_state_dict(path))
+        module = llm.LLM(config)
+        loss = lambda p: jnp.sum(module.apply({"params": p}, ids) * w)
+        loss, grad = jax.jit(jax.value_and_grad(loss))(params)
+        if scan:
+            assert grad["blocks"]["layers"]["attn"]["q_proj"]["kernel"].shape[0] == NL
+            grad = {**grad, "blocks": unstack_layers(grad["blocks"], NL)}
+        return loss, grad
+
+    ref_loss, ref_grad = run(False, "none")
+    # Scanned with full remat, looped with remat (the prevent_cse path).
+    for scan, remat in [(True, "full"), (False, "dots")]:
+        loss, grad = run(scan, remat)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+            # Equal up to float32 summation order (measured max 4e-6 on grads of size ~5).
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache.
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_prefill_then_decode_equals_full_forward(saved, scan):
+    path, model = saved["llama_gqa_llama3"]
+    config = llm.LLMConfig.from_hf(hf.read_config(path), scan_layers=scan)
+    params = llm.params_from_hf(config, hf.read_state_dict(path))
+    module = llm.LLM(config)
+    P, N = 6, 5  # prompt length, decode steps
+    ids = _ids(5, (2, P + N))
+    mask = np.ones((2, P + N), np.int32)
+    mask[1, :2] = 0  # row 1: a left-padded prompt
+    # The reference: transformers' full forward with generate()'s positions for left padding.
+    full = _torch_logits(model, ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+
+    cache = llm.init_cache(config, batch_size=2, max_length=P + N + 2)  # room to spare
+    step = jax.jit(
+        lambda cache, ids, mask: module.apply(
+            {"params": params, "cache": cache},
+            ids,
+            attention_mask=mask,
+            decode=True,
+            mutable=["cache"],
+        )
+    )
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    logits, v = step(cache, ids[:, :P], mask[:, :P])
+    np.testing.assert_allclose(logits[0], full[0, :P], atol=TOL)
+    np.testing.assert_allclose(logits[1, 2:], full[1, 2:P], atol=TOL)
+    for t in range(P, P + N):
+        logits, v = step(v["cache"], ids[:, t : t + 1], mask[:, t : t + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=TOL)
+    assert int(v["cache"]["cache_index"]) == P + N
+    assert np.array_equal(v["cache"]["cache_mask"][:, : P + N], mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# PLoRA.
+
+
+@pytest.fixture(scope="module")
+def lora_model(saved):
+    """(jitted base forward, jitted LoRA forward, params with nonzero LoRA A and B)."""
+    path, _ = saved["qwen2"]  # biased projections: LoRA adds to x W + b
+    module, base = hf.load_llm(path)
+    config = module.config.with_lora(rank=4, alpha=8.0, dropout=0.1)
+    lora = llm.init_lora_params(config, jax.random.key(0))
+    # B is zero at init; make it nonzero so that the LoRA branch does something.
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    lora = traverse_util.unflatten_dict(
+        {
+            k: (0.3 * jax.random.normal(next(keys), v.shape) if k[-1] == "lora_b" else v)
+            for k, v in traverse_util.flatten_dict(lora).items()
+        }
+    )
+    lmod = llm.LLM(config)
+
+    forward = jax.jit(lambda params, ids, m: lmod.apply({"params": params}, ids, lora_mask=m))
+
+    # The base reference is called the same way (no attention_mask): XLA may fold a constant mask
+    # differently from a mask argument, which moves float32 rounding between two programs.
+    base_forward = jax.jit(lambda params, ids: module.apply({"params": params}, ids))
+    return functools.partial(base_forward, base), forward, llm.merge_params(base, lora)
+
+
+def test_lora_init_params(saved):
+    path, _ = saved["mistral"]
+    config = llm.LLMConfig.from_hf(hf.read_config(path)).with_lora(targets=("q", "v", "down"))
+    assert (config.lora_rank, config.lora_alpha, config.lora_dropout) == (16, 16.0, 0.05)
+    lora = llm.init_lora_params(config, jax.random.key(3))
+    flat = traverse_util.flatten_dict(lora, sep="/")
+    assert sorted({k.split("/")[3] for k in flat}) == ["down_proj", "q_proj", "v_proj"]
+    assert len(flat) == NL * 3 * 2 and all(llm.is_lora_path(k) for k in flat)
+    a = flat["blocks/layers_0/attn/q_proj/lora_a"]
+    b = flat["blocks/layers_0/attn/q_proj/lora_b"]
+    assert a.shape == (H, 16) and b.shape == (16, 4 * 8)
+    # PEFT's kaiming_uniform(a=sqrt(5)) for A: U(-1/sqrt(in), 1/sqrt(in)), std 1/sqrt(3 in).
+    assert np.all(b == 0) and np.abs(a).max() <= 1 / np.sqrt(H)
+    assert abs(float(np.std(a)) * np.sqrt(3 * H) - 1) < 0.1
+    down_a = flat["blocks/layers_1/mlp/down_proj/lora_a"]  # fan_in = intermediate_size
+    assert down_a.shape == (FF, 16) and np.abs(down_a).max() <= 1 / np.sqrt(FF)
+    assert not np.array_equal(a, flat["blocks/layers_1/attn/q_proj/lora_a"])
+    scanned = llm.init_lora_params(dataclasses.replace(config, scan_layers=True), jax.random.key(3))
+    assert scanned["blocks"]["layers"]["mlp"]["down_proj"]["lora_a"].shape == (NL, FF, 16)
+    assert np.abs(scanned["blocks"]["layers"]["mlp"]["down_proj"]["lora_a"]).max() <= 1 / np.sqrt(
+        FF
+    )
+    # Merged into loaded base weights and split apart again.
+    base = llm.params_from_hf(config, hf.read_state_dict(path))
+    merged = llm.merge_params(base, lora)
+    base2, lora2 = llm.split_lora(merged)
+    assert jax.tree.structure(base2) == jax.tree.structure(base)
+    assert jax.tree.structure(lora2) == jax.tree.structure(lora)
+    with pytest.raises(ValueError, match="more than one tree"):
+        llm.merge_params(base, base)
+    with pytest.raises(ValueError, match="lora_rank is 0"):
+        llm.init_lora_params(dataclasses.replace(config, lora_rank=0), jax.random.key(0))
+
+
+def test_lora_zero_mask_is_base_bit_for_bit(lora_model):
+    base_forward, forward, params = lora_model
+    ids = jnp.asarray(_ids(6, (2, 12)))
+    ref = base_forward(ids)
+    zeros = jnp.zeros((2, 12), jnp.float32)
+    np.testing.assert_array_equal(forward(params, ids, None), ref)
+    np.testing.assert_array_equal(forward(params, ids, zeros), ref)
+
+
+def test_lora_span_changes_only_span_and_after(lora_model):
+    base_forward, forward, params = lora_model
+    ids = _ids(7, (2, 12))
+    ref = np.asarray(base_forward(jnp.asarray(ids)))
+    m = np.zeros((2, 12), np.float32)
+    m[:, 3:6] = 1.0  # "speech" positions 3..5
+    out = np.asarray(forward(params, jnp.asarray(ids), jnp.asarray(m)))
+    np.testing.assert_array_equal(out[:, :3], ref[:, :3])  # causal: before the span untouched
+    assert np.abs(out[:, 3:] - ref[:, 3:]).max(axis=-1).min() > 1e-2  # span (and after) moves
+
+
+def _linear_with_b(lin, x):
+    p = nn.unbox(lin.init(jax.random.key(1), x)["params"])
+    return {**p, "lora_b": jax.random.normal(jax.random.key(2), p["lora_b"].shape)}
+
+
+def test_lora_projection_formula():
+    lin = llm.Linear(6, ("embed", "heads"), use_bias=True, lora_rank=3, lora_alpha=6.0)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    p = {**_linear_with_b(lin, x), "bias": jnp.ones(6)}
+    m = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], np.float32)
+    y = np.asarray(jax.jit(lin.apply)({"params": p}, x, jnp.asarray(m)))
+    xn = np.asarray(x, np.float64)
+    base = xn @ np.asarray(p["kernel"]) + 1.0
+    delta = xn @ np.asarray(p["lora_a"]) @ np.asarray(p["lora_b"]) * (6.0 / 3)
+    np.testing.assert_allclose(y, base + m[..., None] * delta, atol=1e-5)
+    # Off where the mask is 0, bit for bit: the same as no mask at all.
+    no_lora = np.asarray(jax.jit(lin.apply)({"params": p}, x))
+    np.testing.assert_array_equal(y[m == 0], no_lora[m == 0])
+
+
+def test_lora_dropout_only_when_not_deterministic():
+    lin = llm.Linear(6, ("embed", "heads"), lora_rank=3, lora_dropout=0.5)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    p = _linear_with_b(lin, x)
+    m = jnp.asarray([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], jnp.float32)
+    # Weights and inputs are arguments, not closure constants: XLA would otherwise fold x W at
+    # compile time, differently from the reference program below.
+    run = jax.jit(
+        lambda det, seed, p, x: lin.apply(
+            {"params": p}, x, m, det, rngs={"dropout": jax.random.key(seed)}
+        ),
+        static_argnums=0,
+    )
+    np.testing.assert_array_equal(run(True, 5, p, x), run(True, 6, p, x))  # the rng is unused
+    det, drop5, drop6 = (
+        np.asarray(run(d, k, p, x)) for d, k in ((True, 5), (False, 5), (False, 6))
+    )
+    on = np.asarray(m) != 0
+    assert np.abs(drop5 - det)[on].max() > 1e-3 and np.abs(drop5 - drop6)[on].max() > 1e-3
+    # Where the mask is 0, training mode is still exactly x W: dropout never leaks through.
+    no_lora = np.asarray(jax.jit(lin.apply)({"params": p}, x))
+    np.testing.assert_array_equal(drop5[~on], no_lora[~on])
+    with pytest.raises(Exception, match="dropout"):  # training mode needs the "dropout" rng
+        lin.apply({"params": p}, x, m, False)
