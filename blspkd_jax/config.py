@@ -39,7 +39,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: defines no get_config(arg) function")
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+        raise ConfigError(
+            f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict"
+        )
     return config
 
 
@@ -85,7 +87,8 @@ def set_key(config: ml_collections.ConfigDict, key: str, value, *, parse: bool =
             where = ".".join(parts[:i]) or "<top level>"
             known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             raise ConfigError(
-                f"unknown config key {key!r}: {where} has no {part!r} (known keys: {', '.join(known)})"
+                f"unknown config key {key!r}: {where} has no {part!r} "
+                f"(known keys: {', '.join(known)})"
             )
         if i < len(parts) - 1:
             node = node[part]
@@ -137,3 +140,134 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, ob
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Every key a training config has, with its default. Config files start from this and change
+# values; since overrides must name existing keys, a typo fails instead of being ignored.
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 8  # global, over all processes
+    c.grad_accum_steps = 1
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3
+    c.eval_every_steps = 0  # 0: only at the end
+    c.eval_max_batches = 0  # 0: the whole eval manifest
+    c.max_consecutive_nonfinite = 5
+    c.peak_tflops_per_device = 0.0  # for MFU; 0: measure this device's matmul peak at start
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+    )
+
+    c.data = ml_collections.ConfigDict(
+        {
+            "train_manifest": "",
+            "eval_manifest": "",
+            "frame_buckets": (1000, 2000, 3000),
+            "token_buckets": (64, 128, 256),
+            "min_seconds": 0.1,
+            "max_seconds": 30.0,
+            "max_text_tokens": 200,
+            "n_mels": 80,
+            "worker_count": 2,
+            "worker_buffer_size": 2,
+            "shuffle": True,
+            "strict": False,
+            "instruction": "",
+            "system_prompt": "You are a helpful assistant.",
+            "chat_template": "",
+        }
+    )
+
+    m = ml_collections.ConfigDict()
+    m.encoder = ml_collections.ConfigDict(
+        {
+            "hf_path": "",
+            # Sizes for random init (ignored when hf_path is set): whisper-base.
+            "num_mel_bins": 80,
+            "d_model": 512,
+            "encoder_layers": 6,
+            "encoder_attention_heads": 8,
+            "encoder_ffn_dim": 2048,
+            "max_source_positions": 1500,
+            "pad_to_30s": "auto",  # "auto" = true for a pretrained checkpoint, else false
+            "dtype": "float32",
+            "param_dtype": "float32",
+            "scan_layers": False,
+            "remat": "none",
+        }
+    )
+    m.adapter = ml_collections.ConfigDict(
+        {
+            "num_heads": 0,  # 0: the encoder's
+            "ffn_dim": 0,  # 0: the encoder's
+            "n_pre": 4,
+            "n_post": 4,
+            "max_tokens": 256,
+            "out_norm": False,
+            "cif_method": "parallel",
+            "dtype": "float32",
+            "param_dtype": "float32",
+            "scan_layers": False,
+            "remat": "none",
+        }
+    )
+    m.llm = ml_collections.ConfigDict(
+        {
+            "hf_path": "",
+            "tokenizer_path": "",  # "": hf_path's tokenizer
+            # Sizes for random init (ignored when hf_path is set).
+            "model_type": "qwen2",
+            "vocab_size": 151936,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_layers": 24,
+            "num_heads": 14,
+            "num_kv_heads": 2,
+            "tie_word_embeddings": True,
+            "lora_rank": 0,  # > 0 adds PLoRA (stage 2)
+            "lora_alpha": 16.0,
+            "lora_dropout": 0.05,
+            "lora_targets": ("q", "k", "v", "o", "gate", "up", "down"),
+            "dtype": "float32",
+            "param_dtype": "float32",
+            "scan_layers": False,
+            "remat": "none",
+        }
+    )
+    c.model = m
+
+    c.loss = ml_collections.ConfigDict(
+        {
+            "input_kl": 1.0,
+            "response_kl": 1.0,
+            "cif": 1.0,
+            "response_ce": 0.0,
+            "temperature": 2.0,
+            "tile_rows": 0,  # 0: the backend default (losses.default_tile_rows)
+        }
+    )
+    c.optim = ml_collections.ConfigDict(
+        {
+            "learning_rate": 1e-4,
+            "warmup_steps": 1000,
+            "decay": "cosine",
+            "end_factor": 0.0,
+            "weight_decay": 0.05,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "grad_clip_norm": 1.0,
+        }
+    )
+    # Regexes over parameter paths ("adapter/...", "encoder/...", "llm/.../lora_a"): stage 1
+    # trains the adapter; stage 2 adds "lora_" (and optionally "^encoder/").
+    c.train = ml_collections.ConfigDict({"trainable": ("^adapter/",), "init_from": ""})
+    return c

@@ -276,10 +276,12 @@ class WhisperEncoder(nn.Module):
         x = jnp.swapaxes(input_features.astype(dt), 1, 2)  # [B, T, n_mels]
         if fm is not None:
             x = jnp.where(fm, x, 0)  # the value padding=1 would read alone
-        x = _gelu(self._conv(x, 1, ("conv_in", "conv_in", "embed"), "conv1"))
+        x = _gelu(self._conv(x, 1, ("conv_kernel", "conv_in", "embed"), "conv1"))
         if fm is not None:
             x = jnp.where(fm, x, 0)
-        x = _gelu(self._conv(x, 2, ("conv_in", None, "embed"), "conv2"))  # [B, ceil(T/2), D]
+        x = _gelu(
+            self._conv(x, 2, ("conv_kernel", "conv_in", "embed"), "conv2")
+        )  # [B, ceil(T/2), D]
         pos = self.param(
             "embed_positions",
             nn.with_logical_partitioning(_sinusoid_init, ("pos", "embed")),

@@ -64,7 +64,6 @@ def learning_rate_schedule(
 
 
 def make_optimizer(
-    trainable: Mapping[str, jax.Array],
     *,
     learning_rate: float,
     warmup_steps: int,
@@ -79,13 +78,14 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping and a decay mask; returns (optimizer, lr schedule)."""
     schedule = learning_rate_schedule(learning_rate, warmup_steps, total_steps, decay, end_factor)
-    mask = {k: decays(k, v) for k, v in trainable.items()}
+
+    def mask(params):
+        return {k: decays(k, v) for k, v in params.items()}
+
     chain = []
     if grad_clip_norm:
         chain.append(optax.clip_by_global_norm(grad_clip_norm))
-    chain.append(
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
-    )
+    chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask))
     return optax.chain(*chain), schedule
 
 

@@ -7,6 +7,7 @@ axis. Changing how the model is sharded means changing `RULES`, nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -36,7 +37,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lora_rank", None),
     ("layers", None),  # the stacked axis of nn.scan
     ("norm", None),  # norm scales and biases: small, replicated
-    ("conv_in", None),  # mel channels and conv taps
+    ("conv_in", None),  # conv input channels (mels, or D for the second conv)
+    ("conv_kernel", None),  # conv taps
     ("pos", None),  # position tables
 )
 
@@ -72,11 +74,38 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
 
 
 def logical_shardings(mesh: Mesh, abstract_tree, rules=RULES):
-    """NamedShardings for a tree of (possibly `nn.LogicallyPartitioned`) values from eval_shape."""
-    specs = nn.get_partition_spec(abstract_tree)
-    specs = nn.logical_to_mesh(specs, rules)
+    """NamedShardings for a tree of (possibly `nn.LogicallyPartitioned`) values from eval_shape.
+
+    A dimension that its mesh axes do not divide (a 97-token test vocabulary over tensor=2) is
+    replicated instead, so any model runs on any mesh; real model sizes divide and are sharded.
+    """
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+    shapes = nn.unbox(abstract_tree)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     return jax.tree.map(
-        lambda s: NamedSharding(mesh, s),
+        lambda spec, x: NamedSharding(mesh, divisible_spec(mesh, spec, x.shape)),
         specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
+        shapes,
+        is_leaf=is_spec,
     )
+
+
+def divisible_spec(mesh: Mesh, spec: PartitionSpec, shape) -> PartitionSpec:
+    """`spec` with every entry that does not divide its dimension replaced by None."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and shape[i] % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=RULES):
+    """Trace under `mesh` with `rules`, so `nn.with_logical_constraint` pins activations.
+
+    (Both are needed: without the rules the logical names map to nothing, and the legacy
+    `with mesh:` context does not reach Flax's constraints.)
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -1,0 +1,293 @@
+"""The distillation losses (KL teacher || student, response cross-entropy) and the top-1 metric,
+computed in row tiles from hidden states and the frozen output head so that no [M, V] logits array
+is ever materialised (SPEC sections 4 and 8).
+
+Rows M are the selected positions flattened over the batch (B*L, or only the positions a loss
+uses); H is the LLM width, V the vocabulary. One tiler (`_map_row_tiles`) and one custom VJP
+(`_tiled_weighted_mean`) serve every function here. The VJP computes d(loss)/d(hidden) inside the
+forward tile pass, while each tile's logits are alive anyway, so the backward pass is a single
+scale of an [M, H] residual and never revisits the vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows per tile when the caller doesn't say; a tile holds ~4 [tile_rows, V] fp32 buffers.
+# CPU: 64, the fastest of 64/128/256/512 in two runs of benchmarks/kd_kl.py at Qwen2.5 shapes
+# (M = 2048, H = 896, V = 151936, fp32): 162 MiB of temporaries, 2.7% of the full-logits version's
+# 5.9 GiB, and 0.5-0.75x its time. Accelerators: 256 (608 MiB, 10% of naive at M = 2048), because
+# every tile re-reads lm_head, so a tile's matmuls do ~tile_rows flops per byte of lm_head, and a
+# GPU needs a few hundred of those to stay compute-bound. That choice is reasoned, not measured
+# (no accelerator was available when it was made): rerun the benchmark there.
+CPU_TILE_ROWS = 64
+ACCELERATOR_TILE_ROWS = 256
+
+
+def default_tile_rows(backend: str | None = None) -> int:
+    """The default rows per tile on `backend` (default: JAX's default backend)."""
+    cpu = (backend or jax.default_backend()) == "cpu"
+    return CPU_TILE_ROWS if cpu else ACCELERATOR_TILE_ROWS
+
+
+# row_fn(x [t, H], aux [t, ...], lm_head [H, V], with_grad) -> rows [t]  or  (rows [t], drows/dx
+# [t, H] fp32). x is the differentiable hidden state, aux whatever else each row needs.
+RowFn = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiling
+
+
+def _tile_shape(m: int, tile_rows: int) -> tuple[int, int]:
+    """(number of tiles, rows per tile) for m rows and at most `tile_rows` rows per tile.
+
+    Tiles are balanced (ceil(m / n) rows each, so padding stays small) and then rounded up to a
+    multiple of 8 where `tile_rows` allows: a tile whose rows divide evenly over a "data" axis of
+    1, 2, 4 or 8 devices is split evenly instead of leaving some devices idle or duplicating work.
+    """
+    n_tiles = max(1, math.ceil(m / tile_rows))
+    balanced = max(1, math.ceil(m / n_tiles))
+    return n_tiles, min(-(-balanced // 8) * 8, tile_rows)
+
+
+def _map_row_tiles(fn: Callable, rows: tuple[jax.Array, ...], tile_rows: int):
+    """`fn(*row_tiles)` over tiles of rows, sequentially (`lax.map`); per-row outputs re-assembled.
+
+    `rows` share their leading dimension M; `fn` gets one [t, ...] slice of each and returns a
+    pytree of arrays with leading dimension t. Rows are padded with zeros up to a whole number of
+    tiles (the padded outputs are dropped). Tile k takes rows k, k + n_tiles, k + 2 n_tiles, ...:
+    when M is sharded in contiguous blocks over a "data" axis, every tile then holds an equal share
+    of every device's rows, so all devices work on every tile instead of taking turns.
+    """
+    m = rows[0].shape[0]
+    n_tiles, tile = _tile_shape(m, tile_rows)
+    pad = n_tiles * tile - m
+
+    def split(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(tile, n_tiles, *x.shape[1:]).swapaxes(0, 1)
+
+    def merge(y):
+        return y.swapaxes(0, 1).reshape(n_tiles * tile, *y.shape[2:])[:m]
+
+    out = lax.map(lambda xs: fn(*xs), tuple(split(x) for x in rows))
+    return jax.tree.map(merge, out)
+
+
+def _logits(x: jax.Array, lm_head: jax.Array) -> jax.Array:
+    """x [t, H] @ lm_head [H, V] -> [t, V], accumulated and returned in fp32 for any input dtype."""
+    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+
+
+def _logits_vjp(dz: jax.Array, x: jax.Array, lm_head: jax.Array) -> jax.Array:
+    """d(loss)/dx [t, H] from d(loss)/d(logits) dz [t, V]: dz @ lm_head^T, accumulated in fp32.
+
+    dz is cast to the matmul's compute dtype (bf16 for a bf16 model, as ordinary autodiff would);
+    the contraction names V on both sides so no transposed copy of lm_head is ever made.
+    """
+    dtype = jnp.promote_types(x.dtype, lm_head.dtype)
+    return lax.dot_general(
+        dz.astype(dtype),
+        lm_head.astype(dtype),
+        (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The one custom VJP: loss = sum_i w_i r_i / sum_i w_i, with r_i = row_fn(x_i, aux_i, lm_head).
+
+
+def _mean_scale(weights: jax.Array) -> jax.Array:
+    """w / sum w, with sum w == 0 taken as 1 so that the loss is then 0, not NaN."""
+    total = jnp.sum(weights)
+    return weights / jnp.where(total == 0, 1.0, total)
+
+
+def _masked(mask: jax.Array, x: jax.Array) -> jax.Array:
+    # where, not multiply: a zero-weight row (padding) may hold inf/NaN hidden states, and 0 * NaN
+    # would leak into the loss and the gradient.
+    return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _tiled_weighted_mean(row_fn: RowFn, x, aux, lm_head, weights, tile_rows: int):
+    rows = _map_row_tiles(lambda xt, at: row_fn(xt, at, lm_head, False), (x, aux), tile_rows)
+    scale = _mean_scale(weights)
+    return jnp.sum(_masked(weights != 0, scale * rows))
+
+
+def _tiled_weighted_mean_fwd(row_fn: RowFn, x, aux, lm_head, weights, tile_rows: int):
+    scale = _mean_scale(weights)
+
+    def tile(xt, at, st):
+        r, dx = row_fn(xt, at, lm_head, True)
+        # Scale by w_i / sum w here, while the tile is in hand: the residual is then final.
+        return r, _masked(st != 0, st[:, None] * dx).astype(xt.dtype)
+
+    rows, dx = _map_row_tiles(tile, (x, aux, scale), tile_rows)
+    return jnp.sum(_masked(weights != 0, scale * rows)), dx
+
+
+def _tiled_weighted_mean_bwd(row_fn, tile_rows, dx, g):
+    # Gradients flow to x only (SPEC section 8): aux (the teacher, the labels) is under
+    # stop-gradient, lm_head is frozen and the weights are a selection: symbolic zeros for those.
+    return (g * dx).astype(dx.dtype), None, None, None
+
+
+_tiled_weighted_mean.defvjp(_tiled_weighted_mean_fwd, _tiled_weighted_mean_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row functions
+
+
+def _kd_rows(s, t, lm_head, with_grad: bool, *, temperature: float):
+    """KL(softmax(t W / T) || softmax(s W / T)) per row, and its gradient wrt s if asked."""
+    log_q = jax.nn.log_softmax(_logits(s, lm_head) / temperature)  # student
+    log_p = jax.nn.log_softmax(_logits(t, lm_head) / temperature)  # teacher
+    p = jnp.exp(log_p)
+    kl = jnp.sum(p * (log_p - log_q), axis=-1)
+    if not with_grad:
+        return kl
+    # d KL / d(student logits) = (q - p) / T.
+    return kl, _logits_vjp((jnp.exp(log_q) - p) / temperature, s, lm_head)
+
+
+def _ce_rows(h, labels, lm_head, with_grad: bool):
+    """-log softmax(h W)[label] per row (NaN for a label outside [0, V)), and its gradient wrt h."""
+    log_q = jax.nn.log_softmax(_logits(h, lm_head))
+    vocab = log_q.shape[-1]
+    # A one-hot reduction rather than a gather: it partitions cleanly when V is sharded.
+    one_hot = labels[:, None] == jnp.arange(vocab)[None, :]
+    ce = -jnp.sum(jnp.where(one_hot, log_q, 0.0), axis=-1)
+    ce = jnp.where((labels >= 0) & (labels < vocab), ce, jnp.nan)
+    if not with_grad:
+        return ce
+    return ce, _logits_vjp(jnp.exp(log_q) - one_hot, h, lm_head)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_rows(fn: str, hidden: jax.Array, lm_head: jax.Array, **rows) -> None:
+    """Shapes: hidden [M, H], lm_head [H, V]; each of `rows` is (array, "[M]" or "[M, H]")."""
+    if hidden.ndim != 2 or lm_head.ndim != 2 or hidden.shape[1] != lm_head.shape[0]:
+        raise ValueError(
+            f"{fn}: expected hidden [M, H] and lm_head [H, V] with the same H, got hidden "
+            f"{tuple(hidden.shape)} and lm_head {tuple(lm_head.shape)} (flatten [B, L, H] to "
+            f"[B*L, H] first)"
+        )
+    for name, (x, expected) in rows.items():
+        shape = hidden.shape if expected == "[M, H]" else hidden.shape[:1]
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(x.shape)}; expected {expected} = {tuple(shape)} "
+                f"like the hidden states"
+            )
+
+
+def _check_tile_rows(fn: str, tile_rows) -> int:
+    if tile_rows is None:
+        return default_tile_rows()
+    if not isinstance(tile_rows, int) or tile_rows < 1:
+        raise ValueError(f"{fn}: tile_rows must be a positive Python int, got {tile_rows!r}")
+    return tile_rows
+
+
+def kd_kl(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array,
+    lm_head: jax.Array,
+    weights: jax.Array,
+    *,
+    temperature: float = 2.0,
+    tile_rows: int | None = None,
+) -> jax.Array:
+    """Weighted mean KL(teacher || student) of temperature-softened next-token distributions.
+
+    `sum_i w_i KL(softmax(t_i W / T) || softmax(s_i W / T)) / sum_i w_i`, with s = student_hidden
+    [M, H], t = teacher_hidden [M, H], W = lm_head [H, V], w = weights [M] (e.g. a 0/1 mask over
+    selected positions), T = temperature. The KL is summed over the vocabulary and NOT multiplied by
+    T^2 (Hinton's gradient-scale correction): fold that into the loss weight if wanted.
+
+    Logits are formed and reduced in fp32 whatever the input dtype, in tiles of `tile_rows` rows
+    (None: `default_tile_rows()`), so memory is O(tile_rows * V) instead of O(M * V). Gradients
+    flow to student_hidden only (computed during the forward tile pass): the teacher is under
+    stop-gradient, lm_head is treated as frozen and the weights as constants (all three get zero
+    gradient). Returns 0 when sum(w) == 0. Rows with w_i == 0 never affect the value or the
+    gradient, even if they hold
+    inf/NaN. `temperature` must be a Python number.
+    """
+    _check_rows(
+        "kd_kl",
+        student_hidden,
+        lm_head,
+        teacher_hidden=(teacher_hidden, "[M, H]"),
+        weights=(weights, "[M]"),
+    )
+    try:
+        temperature = float(temperature)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        temperature = None  # a traced value: the tile functions need a constant
+    if temperature is None or not temperature > 0:
+        raise ValueError(f"kd_kl: temperature must be a positive Python number, got {temperature}")
+    row_fn = functools.partial(_kd_rows, temperature=temperature)
+    return _tiled_weighted_mean(
+        row_fn,
+        student_hidden,
+        teacher_hidden,
+        lm_head,
+        jnp.asarray(weights, jnp.float32),
+        _check_tile_rows("kd_kl", tile_rows),
+    )
+
+
+def tiled_cross_entropy(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    *,
+    tile_rows: int | None = None,
+) -> jax.Array:
+    """Weighted mean cross-entropy `sum_i w_i (-log softmax(h_i W)[labels_i]) / sum_i w_i`.
+
+    hidden [M, H], lm_head W [H, V], labels [M] ints in [0, V), weights [M]. Tiled and
+    differentiated like `kd_kl`: gradients flow to hidden only. Labels of rows
+    with w_i == 0 are ignored (any value, e.g. -100, is fine there); a label outside [0, V) on a
+    weighted row makes the loss NaN rather than silently wrong. Returns 0 when sum(w) == 0.
+    """
+    _check_rows(
+        "tiled_cross_entropy", hidden, lm_head, labels=(labels, "[M]"), weights=(weights, "[M]")
+    )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"tiled_cross_entropy: labels must be integers, got {labels.dtype}")
+    return _tiled_weighted_mean(
+        _ce_rows,
+        hidden,
+        labels,
+        lm_head,
+        jnp.asarray(weights, jnp.float32),
+        _check_tile_rows("tiled_cross_entropy", tile_rows),
+    )
+
+
+def top1_predictions(
+    hidden: jax.Array, lm_head: jax.Array, *, tile_rows: int | None = None
+) -> jax.Array:
+    """argmax_v (hidden @ lm_head)[i, v] per row -> [M] int32, in tiles (for top-1 agreement)."""
+    _check_rows("top1_predictions", hidden, lm_head)
+    return _map_row_tiles(
+        lambda h: jnp.argmax(_logits(h, lm_head), axis=-1).astype(jnp.int32),
+        (hidden,),
+        _check_tile_rows("top1_predictions", tile_rows),
+    )

@@ -1,0 +1,84 @@
+"""N JAX processes on this machine, joined through a coordinator on 127.0.0.1 (CPU: gloo).
+
+  python launch/multiprocess.py --num-processes 2 --devices-per-process 2 -- \
+      --config configs/tiny.py --workdir runs/mp [--config.key=value ...]
+
+Each process gets BLSPKD_COORDINATOR / BLSPKD_NUM_PROCESSES / BLSPKD_PROCESS_ID (read by
+`blspkd_jax.distributed.initialize`) and, on CPU, its own virtual devices. Output of process p
+goes to WORKDIR/process{p}.log; the launcher exits non-zero if any process fails, and stops the
+others when one dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--num-processes", type=int, default=2)
+    ap.add_argument("--devices-per-process", type=int, default=1, help="CPU virtual devices")
+    ap.add_argument("--module", default="blspkd_jax.train")
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
+    a = ap.parse_args(argv)
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    workdir = Path(args[args.index("--workdir") + 1]) if "--workdir" in args else Path(".")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for p in range(a.num_processes):
+        env = {
+            **os.environ,
+            "BLSPKD_COORDINATOR": f"127.0.0.1:{port}",
+            "BLSPKD_NUM_PROCESSES": str(a.num_processes),
+            "BLSPKD_PROCESS_ID": str(p),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={a.devices_per_process}",
+        }
+        log = open(workdir / f"process{p}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", a.module, *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    codes: list[int | None] = [None] * len(procs)
+    while any(c is None for c in codes):
+        for i, (proc, _) in enumerate(procs):
+            if codes[i] is None:
+                codes[i] = proc.poll()
+        if any(c not in (None, 0) for c in codes):
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for i, (proc, _) in enumerate(procs):
+                codes[i] = proc.wait()
+        time.sleep(0.2)
+    for _, log in procs:
+        log.close()
+    for i, c in enumerate(codes):
+        if c:
+            print(
+                f"process {i} exited with {c}; see {workdir / f'process{i}.log'}", file=sys.stderr
+            )
+    return max(abs(c) for c in codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
