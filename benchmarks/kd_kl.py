@@ -1,0 +1,126 @@
+"""Memory and time of `kd_kl` value-and-grad, tiled vs naive full logits, at Qwen2.5 shapes.
+
+Memory is XLA's compiled memory analysis (temporary buffers, i.e. what the computation allocates
+beyond its inputs and outputs); time is the median wall time of a few runs after a warm-up. The full
+run sweeps tile sizes and names the fastest one whose temporary memory is <= 15% of naive.
+
+    .venv/bin/python benchmarks/kd_kl.py            # V=151936, H=896, M=4x512 (Qwen2.5-0.5B head)
+    .venv/bin/python benchmarks/kd_kl.py --quick    # small shapes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from blspkd_jax.losses import default_tile_rows, kd_kl
+
+MEMORY_GOAL = 0.15  # tiled temporary memory as a fraction of naive (issue 4)
+
+
+def naive_kd_kl(s, t, lm_head, w, temperature):
+    """The full-logits formula: [M, V] logits for both passes, autodiff for the gradient."""
+    log_q = jax.nn.log_softmax(
+        jnp.dot(s, lm_head, preferred_element_type=jnp.float32) / temperature
+    )
+    t = jax.lax.stop_gradient(t)
+    log_p = jax.nn.log_softmax(
+        jnp.dot(t, lm_head, preferred_element_type=jnp.float32) / temperature
+    )
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return jnp.sum(w * kl) / jnp.maximum(jnp.sum(w), 1e-9)
+
+
+def measure(loss_fn, args, repeats):
+    """(compiled temp bytes, median seconds, (loss, grad)) of jit(value_and_grad(loss_fn))."""
+    compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    out = jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return temp, statistics.median(times), out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
+    parser.add_argument("--rows", type=int, help="M (default 2048; 512 with --quick)")
+    parser.add_argument("--vocab", type=int, help="V (default 151936; 16384 with --quick)")
+    parser.add_argument("--width", type=int, help="H (default 896; 256 with --quick)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tiles", type=int, nargs="*", help="tile sizes to sweep")
+    parser.add_argument("--repeats", type=int, help="timed runs per variant (median reported)")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    args = parser.parse_args()
+
+    m = args.rows or (512 if args.quick else 2048)
+    v = args.vocab or (16384 if args.quick else 151936)
+    h = args.width or (256 if args.quick else 896)
+    tiles = args.tiles or ([64, 256] if args.quick else [64, 128, 256, 512])
+    repeats = args.repeats or (2 if args.quick else 3)
+    dtype = jnp.dtype(args.dtype)
+
+    ks, kt, kw, km = jax.random.split(jax.random.key(0), 4)
+    student = jax.random.normal(ks, (m, h), dtype)
+    teacher = (student + 0.5 * jax.random.normal(kt, (m, h))).astype(dtype)
+    lm_head = (jax.random.normal(kw, (h, v)) * h**-0.5 * 4).astype(dtype)
+    weights = (jax.random.uniform(km, (m,)) < 0.8).astype(jnp.float32)
+    inputs = (student, teacher, lm_head, weights)
+    temp_t = args.temperature
+
+    print(
+        f"kd_kl value-and-grad wrt student, M={m}, H={h}, V={v}, {dtype.name}, T={temp_t}, "
+        f"{jax.devices()[0].platform} x{jax.device_count()}, median of {repeats} runs\n"
+    )
+    print("| variant | tile_rows | temp memory (MiB) | vs naive | time (s) | vs naive |")
+    print("|---|---|---|---|---|---|", flush=True)
+    naive_temp, naive_time, (naive_loss, naive_grad) = measure(
+        lambda s, t, w_, x: naive_kd_kl(s, t, w_, x, temp_t), inputs, repeats
+    )
+
+    def row(name, tile, temp, sec):
+        print(
+            f"| {name} | {tile} | {temp / 2**20:.1f} | {temp / naive_temp:.1%} | {sec:.3f} | "
+            f"{sec / naive_time:.2f}x |",
+            flush=True,
+        )
+
+    row("naive (full logits)", "-", naive_temp, naive_time)
+    results = {}
+    for tile in tiles:
+        temp, sec, (loss, grad) = measure(
+            lambda s, t, w_, x, tile=tile: kd_kl(s, t, w_, x, temperature=temp_t, tile_rows=tile),
+            inputs,
+            repeats,
+        )
+        # The two must agree, or the timing comparison means nothing.
+        scale = float(jnp.max(jnp.abs(naive_grad.astype(jnp.float32))))
+        err = float(jnp.max(jnp.abs((grad - naive_grad).astype(jnp.float32)))) / scale
+        tol = 1e-3 if dtype == jnp.float32 else 5e-2
+        if abs(float(loss) - float(naive_loss)) > tol * abs(float(naive_loss)) or err > tol:
+            raise SystemExit(f"tile {tile}: tiled and naive disagree (loss {loss} vs {naive_loss})")
+        row("tiled (kd_kl)", tile, temp, sec)
+        results[tile] = (temp, sec)
+
+    ok = {t: r for t, r in results.items() if r[0] <= MEMORY_GOAL * naive_temp}
+    if ok:
+        best = min(ok, key=lambda t: ok[t][1])
+        temp, sec = ok[best]
+        print(
+            f"\nFastest tile within the memory goal (<= {MEMORY_GOAL:.0%} of naive): {best} rows "
+            f"({temp / naive_temp:.1%} of naive memory, {sec / naive_time:.2f}x naive time). "
+            f"Library default on {jax.default_backend()}: {default_tile_rows()}."
+        )
+    else:
+        print(f"\nNo tile size met the memory goal (<= {MEMORY_GOAL:.0%} of naive).")
+
+
+if __name__ == "__main__":
+    main()
