@@ -254,7 +254,9 @@ class Trainer:
         return self.compiled[key]
 
     def save(self, force: bool = False) -> None:
-        checkpoint.save(self.ckpt, self.state, self.iterator.get_state(), force=force)
+        step = int(self.state.step)
+        if step != self.ckpt.latest_step():  # the end of a run may land on a periodic save
+            checkpoint.save(self.ckpt, self.state, self.iterator.get_state(), force=force)
 
     def run(self) -> dict:
         config = self.config
