@@ -139,6 +139,12 @@ class Trainer:
                 f"{self.model_cfg.encoder.num_mel_bins} mel bins"
             )
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        log.info(
+            "%d processes, %d devices, mesh %s",
+            jax.process_count(),
+            jax.device_count(),
+            dict(self.mesh.shape),
+        )
         self.step_cfg = train_state.StepConfig(
             trainable=tuple(config.train.trainable),
             loss=self.loss_cfg,
@@ -373,7 +379,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     try:
         args, config = parse_args(sys.argv[1:] if argv is None else argv)
     except config_lib.ConfigError as e:

@@ -153,3 +153,20 @@ def test_unknown_config_key_is_rejected_by_name(assets, tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 2
     assert "learning_rat" in out and "learning_rate" in out
+
+
+def test_multiprocess_launcher_runs_a_tiny_job(assets, tmp_path):
+    workdir = tmp_path / "mp"
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/multiprocess.py"),
+        "--num-processes=2",
+        "--devices-per-process=1",
+        "--",
+        *_args(assets, workdir, "--config.total_steps=2", "--config.data.eval_manifest="),
+    ]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    logs = "".join((workdir / f"process{i}.log").read_text()[-2000:] for i in range(2))
+    assert p.returncode == 0, p.stderr + logs
+    assert sorted(_metrics(workdir)) == [1, 2]
+    assert "2 processes" in (workdir / "process0.log").read_text()
