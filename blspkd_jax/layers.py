@@ -72,6 +72,13 @@ class Stack(nn.Module):
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
+        if not self.is_initializing() and self.has_variable("params", "layers"):
+            depths = {leaf.shape[0] for leaf in jax.tree.leaves(self.variables["params"]["layers"])}
+            if depths != {self.num_layers}:
+                raise ValueError(
+                    f"{self.name}: scanned parameters hold {sorted(depths)} layers, but the "
+                    f"config says {self.num_layers}"
+                )
         x, _ = scanned(block_cls(**kwargs, name="layers"), x, *args)
         return x
 
