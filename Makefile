@@ -24,6 +24,9 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
 
+demo: $(STAMP) system-deps
+	$(BIN)/python -m blspkd_jax.demo --workdir $(WORKDIR)
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .
 
