@@ -1,5 +1,9 @@
 """Autoregressive generation with the LLM's KV cache: text prompts (ids) or speech prompts
-(embeddings with PLoRA at the speech positions), greedy or temperature/top-p sampling.
+(embeddings with PLoRA at the speech positions), greedy or temperature/top-p sampling; and greedy
+responses from a trained run's speech (SPEC section 8):
+
+    python -m blspkd_jax.generate speech --workdir DIR --manifest M --out OUT.jsonl \\
+        [--instruction TEXT] [--max-new-tokens N] [--step N] [--batch-size N]
 
 One call is one jit-compiled program: a prefill over the whole left-padded prompt, then a
 `lax.while_loop` of one-token decode steps that exits as soon as every row has stopped. It compiles
@@ -8,7 +12,12 @@ once per (batch, prompt length, max_new_tokens) shape, so callers bucket their p
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
+import json
+import os
+import sys
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -17,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blspkd_jax.llm import LLM, init_cache
+from blspkd_jax.model import BLSPKD, splice_speech
 
 
 def token_ids(eos) -> tuple[int, ...]:
@@ -225,3 +235,350 @@ def greedy(
         eos_token_id=eos_token_id,
     )
     return jnp.concatenate([jnp.asarray(input_ids, jnp.int32), new], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses from a trained run: speech prompts (the CFormer's vectors spliced into the chat
+# template where the transcript would be) and, for comparison, the transcript's text prompts.
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded generation prompts `[B, P]`: the prompt part of the training layout (system
+    turn, user turn = instruction + transcript-or-speech, assistant header)."""
+
+    input_ids: np.ndarray  # int32; speech slots and padding hold the layout's pad id
+    attention_mask: np.ndarray  # bool: False = left padding; an all-False row is batch filler
+    speech_mask: np.ndarray  # bool: the speech slots (the speech vectors go here, PLoRA on)
+
+
+def build_prompts(
+    layout, spans: Sequence, instructions: Sequence[str | None] | None = None, *, batch_size=None
+) -> PromptBatch:
+    """Prompts from the layout's template pieces around each row's span.
+
+    `spans[b]` is an int N (N speech slots: inference's CIF length, which varies per row) or a
+    sequence of token ids (a text prompt). `instructions[b]` None means the layout's default.
+    The length is `labels.bucket_length` of the longest; rows beyond `len(spans)` up to
+    `batch_size` are filler (no tokens).
+    """
+    from blspkd_jax.labels import bucket_length
+
+    instructions = [None] * len(spans) if instructions is None else list(instructions)
+    B = len(spans) if batch_size is None else batch_size
+    if len(spans) > B or len(instructions) != len(spans):
+        raise ValueError(
+            f"build_prompts: {len(spans)} spans, {len(instructions)} instructions, batch {B}"
+        )
+    pieces = []
+    for span, ins in zip(spans, instructions, strict=True):
+        t = layout.template(ins)
+        speech = isinstance(span, int | np.integer)
+        mid = [layout.pad_id] * int(span) if speech else [int(i) for i in span]
+        ids = [*t.prefix, *mid, *t.middle]
+        mask = [False] * len(t.prefix) + [speech] * len(mid) + [False] * len(t.middle)
+        pieces.append((ids, mask))
+    P = bucket_length(max((len(ids) for ids, _ in pieces), default=1))
+    out = PromptBatch(
+        input_ids=np.full((B, P), layout.pad_id, np.int32),
+        attention_mask=np.zeros((B, P), bool),
+        speech_mask=np.zeros((B, P), bool),
+    )
+    for b, (ids, mask) in enumerate(pieces):
+        out.input_ids[b, P - len(ids) :] = ids
+        out.attention_mask[b, P - len(ids) :] = True
+        out.speech_mask[b, P - len(ids) :] = mask
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _speech_vectors(params, features, feature_mask, *, model: BLSPKD):
+    tokens, token_mask, _ = model.apply(
+        {"params": params}, features, feature_mask, method=BLSPKD.speech
+    )
+    return tokens, token_mask.sum(-1)
+
+
+def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
+    """Encoder + CFormer in inference mode (no target lengths: CIF emits
+    `N_b = max(1, round(sum(alpha_b)))` vectors, at most `model.adapter.max_tokens`).
+
+    log-mel `[B, n_mels, F]`, mask `[B, F]` -> (vectors `[B, max_tokens, H]`, N `[B]` int).
+    """
+    tokens, counts = _speech_vectors(
+        run.params, jnp.asarray(features), jnp.asarray(feature_mask), model=run.model
+    )
+    return tokens, np.asarray(counts)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _splice(params, input_ids, speech_mask, vectors, *, module: LLM):
+    text = module.apply({"params": params}, input_ids, method=LLM.embed)
+    return splice_speech(text, vectors, speech_mask)
+
+
+def generate_from_prompts(
+    run,
+    prompts: PromptBatch,
+    vectors=None,
+    *,
+    lora: bool = True,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+) -> np.ndarray:
+    """Greedy new tokens `[B, max_new_tokens]` for a prompt batch.
+
+    With `vectors [B, N, H]`, the k-th speech slot of row b gets `vectors[b, k]` and PLoRA is on
+    at the speech slots (`lora=False` switches it off: the base LLM); without, the prompt's ids
+    are read as text.
+    """
+    llm_cfg = run.model.config.llm
+    module = LLM(llm_cfg)
+    kw = dict(
+        attention_mask=jnp.asarray(prompts.attention_mask),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tuple(stop_ids),
+        pad_token_id=run.layout.pad_id,
+    )
+    if vectors is None:
+        return np.asarray(generate(module, run.llm_params, input_ids=prompts.input_ids, **kw))
+    embeds = _splice(
+        run.llm_params,
+        jnp.asarray(prompts.input_ids),
+        jnp.asarray(prompts.speech_mask),
+        jnp.asarray(vectors),
+        module=module,
+    )
+    lora_mask = jnp.asarray(prompts.speech_mask) if lora and llm_cfg.lora_rank else None
+    return np.asarray(
+        generate(module, run.llm_params, inputs_embeds=embeds, lora_mask=lora_mask, **kw)
+    )
+
+
+def stop_ids_for(run, instructions: Sequence[str | None]) -> tuple[int, ...]:
+    """Every id that ends the assistant turn under any of these instructions (the template's
+    end-of-turn token, the tokenizer's and the LLM config's eos), as `labels` uses."""
+    from blspkd_jax.labels import stop_token_ids
+
+    ids: set[int] = set()
+    for ins in set(instructions) or {None}:
+        ids.update(stop_token_ids(run.model.config.llm, run.tokenizer, run.layout, ins))
+    return tuple(sorted(ids))
+
+
+def decode_response(tokenizer, new_ids, stop_ids: Sequence[int]) -> str:
+    """New tokens up to the first stop id, decoded without special tokens and stripped."""
+    toks = [int(t) for t in new_ids]
+    stops = set(stop_ids)
+    cut = next((k for k, t in enumerate(toks) if t in stops), len(toks))
+    return tokenizer.decode(toks[:cut], skip_special_tokens=True).strip()
+
+
+def _instructions(rows, instruction: str | None) -> list[str | None]:
+    """`instruction` overrides every row's; else the row's own; else None (the run's default)."""
+    return [instruction if instruction is not None else r.instruction for r in rows]
+
+
+def frame_bucket(run, frames: int) -> int:
+    """Mel frames to pad a batch to: the encoder's full window in 30 s mode, else the smallest
+    of the run's `data.frame_buckets` that fits (else the encoder's window)."""
+    enc = run.model.config.encoder
+    window = 2 * enc.max_source_positions
+    if frames > window:
+        raise ValueError(
+            f"{frames} mel frames ({frames / 100:.2f} s) exceed the encoder's window of "
+            f"{window} frames (model.encoder.max_source_positions={enc.max_source_positions})"
+        )
+    if enc.pad_to_30s:
+        return window
+    return next((int(f) for f in run.config.data.frame_buckets if f >= frames), window)
+
+
+def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
+    """Decode rows' audio (any format, resampled to 16 kHz mono) to padded log-mels
+    `([B, n_mels, F], mask [B, F])`, as the training pipeline pads them."""
+    from blspkd_jax.data import audio as audio_lib
+    from blspkd_jax.data.manifest import DataError
+    from blspkd_jax.features import log_mel, pad_features
+
+    n_mels = run.model.config.encoder.num_mel_bins
+    feats = []
+    for r in rows:
+        try:
+            f = log_mel(audio_lib.load(r.audio, r.offset, r.duration), n_mels)
+            frame_bucket(run, f.shape[1])  # raises for audio beyond the encoder's window
+        except ValueError as e:  # AudioError, too short for one STFT window, or too long
+            raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
+        feats.append(f)
+    longest = max(f.shape[1] for f in feats)
+    return pad_features(feats, frame_bucket(run, longest))
+
+
+def audio_lengths(rows) -> list[int]:
+    """16 kHz samples of each row's audio from the file headers (cheap: nothing is decoded);
+    a DataError names the first row whose file is missing or unreadable."""
+    from blspkd_jax.data import audio as audio_lib
+    from blspkd_jax.data.manifest import DataError
+
+    lengths = []
+    for r in rows:
+        try:
+            lengths.append(audio_lib.probe(r.audio, r.offset, r.duration).num_samples_16k)
+        except audio_lib.AudioError as e:
+            raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
+    return lengths
+
+
+def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length, so padding and compiled shapes stay few."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def speech_responses(
+    run,
+    rows,
+    *,
+    instruction: str | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses to each row's speech (manifest `Row`s, in their order).
+
+    Per batch (rows sorted by audio length, filler rows completing the last): log-mel ->
+    encoder + CFormer in inference mode (N_b vectors) -> a prompt with N_b speech slots where the
+    transcript would be -> spliced embeddings, PLoRA on at those slots during the prefill ->
+    greedy decoding until an end-of-turn token.
+    """
+    from tqdm import tqdm
+
+    rows = list(rows)
+    instructions = _instructions(rows, instruction)
+    stops = stop_ids_for(run, instructions)
+    lengths = audio_lengths(rows)
+    out: list[str | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc="speech", unit="row", disable=not progress)
+    for idx in _by_length(lengths, batch_size):
+        feats, mask = load_features(run, [rows[i] for i in idx])
+        fill = batch_size - len(idx)  # filler rows repeat row 0's audio; their prompt is empty
+        feats = np.concatenate([feats, np.repeat(feats[:1], fill, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
+        vectors, counts = speech_vectors(run, feats, mask)
+        prompts = build_prompts(
+            run.layout,
+            [int(n) for n in counts[: len(idx)]],
+            [instructions[i] for i in idx],
+            batch_size=batch_size,
+        )
+        new = generate_from_prompts(
+            run, prompts, vectors, max_new_tokens=max_new_tokens, stop_ids=stops
+        )
+        for j, i in enumerate(idx):
+            out[i] = decode_response(run.tokenizer, new[j], stops)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def text_responses(
+    run,
+    rows,
+    *,
+    instruction: str | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses to each row's transcript (`Row.text`) in the same prompt: what the
+    frozen LLM (PLoRA off) says when it reads the text. Speech and text responses that agree
+    are the exact-match metric (SPEC section 9)."""
+    from tqdm import tqdm
+
+    from blspkd_jax.data.layout import text_ids
+
+    rows = list(rows)
+    instructions = _instructions(rows, instruction)
+    stops = stop_ids_for(run, instructions)
+    spans = text_ids(run.tokenizer, [r.text for r in rows]) if rows else []
+    out: list[str | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc="text", unit="row", disable=not progress)
+    for idx in _by_length([len(s) for s in spans], batch_size):
+        prompts = build_prompts(
+            run.layout,
+            [spans[i] for i in idx],
+            [instructions[i] for i in idx],
+            batch_size=batch_size,
+        )
+        new = generate_from_prompts(run, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)
+        for j, i in enumerate(idx):
+            out[i] = decode_response(run.tokenizer, new[j], stops)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def read_rows(manifest: str | os.PathLike):
+    """A manifest's rows; a DataError lists each malformed line (`MANIFEST:LINE: reason`)."""
+    from blspkd_jax.data.manifest import DataError, read_manifest
+
+    rows, bad = read_manifest(manifest)
+    if bad:
+        raise DataError("\n".join(str(b) for b in bad))
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object a line, written to a temporary file and renamed into place."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m blspkd_jax.generate", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("speech", help="greedy responses to a manifest's audio from a trained run")
+    sp.add_argument("--workdir", required=True, help="a training run's workdir")
+    sp.add_argument("--manifest", required=True, help="JSON Lines with 'audio' (and 'id')")
+    sp.add_argument("--out", required=True, help='output JSON Lines: {"id", "response"} per row')
+    sp.add_argument(
+        "--instruction",
+        default=None,
+        help="replaces every row's instruction (default: the "
+        "row's 'instruction', else the run's data.instruction)",
+    )
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from blspkd_jax.data.manifest import DataError
+    from blspkd_jax.workdir import RunError, load_run
+
+    try:
+        rows = read_rows(args.manifest)
+        audio_lengths(rows)  # fail on a missing file before loading the model
+        run = load_run(args.workdir, args.step)
+        responses = speech_responses(
+            run,
+            rows,
+            instruction=args.instruction,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+    except (DataError, RunError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    write_jsonl(
+        args.out, ({"id": r.id, "response": s} for r, s in zip(rows, responses, strict=True))
+    )
+    print(f"wrote {len(rows)} responses to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

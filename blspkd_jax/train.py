@@ -225,13 +225,19 @@ class Trainer:
         return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
 
     def _init_from(self, workdir: str) -> None:
-        """Start from another run's trained parameters (stage 2 from stage 1): every parameter
-        that run trained and this one has is copied; optimizer state starts fresh."""
-        mngr = checkpoint.manager(workdir, async_save=False)
-        step = mngr.latest_step()
-        if step is None:
-            raise ValueError(f"train.init_from: {workdir} has no checkpoint")
-        got = checkpoint.restore_trainable(mngr, step, self.state_shardings)
+        """Start from another run's trained parameters (stage 2 from stage 1), or from an export
+        (`python -m blspkd_jax.export`): every parameter it has and this run has is copied;
+        optimizer state starts fresh."""
+        from blspkd_jax import export
+
+        if export.is_exported(workdir):  # a directory written by python -m blspkd_jax.export
+            got, step = export.init_from_export(workdir, self.model_cfg, self.state_shardings), 0
+        else:
+            mngr = checkpoint.manager(workdir, async_save=False)
+            step = mngr.latest_step()
+            if step is None:
+                raise ValueError(f"train.init_from: {workdir} has no checkpoint")
+            got = checkpoint.restore_trainable(mngr, step, self.state_shardings)
         trainable, frozen = dict(self.state.trainable), dict(self.state.frozen)
         for k, v in got.items():
             if k in trainable:
