@@ -72,3 +72,11 @@ def get_config(arg: str = "stage1"):
     elif arg != "stage1":
         raise ValueError(f"configs/tiny.py: variant must be stage1 or stage2, got {arg!r}")
     return c
+
+
+def get_sweep(arg: str = "stage1"):
+    """`python -m blspkd_jax.sweep --config configs/tiny.py --workdir runs/sweep`: 4 runs."""
+    from blspkd_jax.sweep import product
+
+    del arg
+    return product({"optim.learning_rate": [1e-3, 2e-3], "loss.temperature": [1.0, 2.0]})

@@ -1,0 +1,229 @@
+"""The embedded default, end to end (`make demo`): corpus, teacher, labels, training, evaluation,
+export, and a table of untrained vs trained metrics.
+
+Offline there is no pretrained Whisper or LLM, so the demo (1) speaks WordNet example sentences
+with espeak-ng, (2) trains a tokenizer and a small text LM on them — the frozen teacher, standing
+in for a pretrained chat LLM, (3) lets the teacher write continuation labels for every transcript
+(BLSP's recipe), (4) runs stage 1 (CFormer, plus the small random encoder) and a short stage 2
+with PLoRA, (5) evaluates the untrained model and both stages on held-out sentences, (6) exports
+the result to a Hugging Face directory and reloads it in PyTorch. Every stage resumes: rerunning
+skips what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from blspkd_jax import config as config_lib
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("blspkd_jax.demo")
+
+
+def stage(name: str):
+    print(f"\n=== {name} ===", flush=True)
+    return time.perf_counter()
+
+
+def build_corpus(out: Path, num_sentences: int):
+    from blspkd_jax.data.corpus import build_corpus
+
+    return build_corpus(out, num_sentences=num_sentences, seed=0)
+
+
+def train_teacher(corpus: Path, out: Path, steps: int | None):
+    from blspkd_jax import teacher
+    from blspkd_jax.data.sentences import load_sentences
+
+    summary_file = out / teacher.SUMMARY_FILE
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    sentences = load_sentences(corpus / "train_sentences.txt")
+    held = load_sentences(corpus / "eval_sentences.txt")
+    kw = {"steps": steps} if steps else {}
+    return teacher.train_teacher(sentences, out, eval_sentences=held, **kw)
+
+
+def write_labels(corpus: Path, teacher_dir: Path, out_dir: Path, instruction: str):
+    from transformers import AutoTokenizer
+
+    from blspkd_jax import hf, labels
+
+    module, params = hf.load_llm(teacher_dir)
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in ("train", "eval"):
+        target = out_dir / f"{split}.jsonl"
+        labels.label_manifest(
+            str(corpus / f"{split}.jsonl"),
+            str(target),
+            module,
+            params,
+            tok,
+            instruction=instruction,
+            system=None,
+            batch_size=64,
+            max_new_tokens=48,
+        )
+        out[split] = target
+    # Labelled rows keep the corpus's relative audio paths: point them at the corpus folder.
+    for path in out.values():
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        for r in rows:
+            if not Path(r["audio"]).is_absolute():
+                r["audio"] = str((corpus / r["audio"]).resolve())
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def run_config(variant: str, manifests: dict, teacher_dir: Path, overrides: list[str]):
+    config = config_lib.load_config(f"{REPO / 'configs/tiny.py'}:{variant}")
+    config_lib.apply_overrides(
+        config,
+        [
+            f"data.train_manifest={manifests['train']}",
+            f"data.eval_manifest={manifests['eval']}",
+            f"model.llm.hf_path={teacher_dir}",
+            *overrides,
+        ],
+    )
+    return config
+
+
+def train(config, workdir: Path):
+    from blspkd_jax.train import Trainer
+
+    trainer = Trainer(config, workdir)
+    if int(trainer.state.step) >= config.total_steps and (workdir / "metrics.jsonl").exists():
+        return
+    trainer.run()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m blspkd_jax.demo", description=__doc__)
+    ap.add_argument("--workdir", default="runs/demo")
+    ap.add_argument("--num-sentences", type=int, default=3000)
+    ap.add_argument("--teacher-steps", type=int, default=0, help="0: the teacher's default")
+    ap.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    ap.add_argument("overrides", nargs="*", help="--config.key=value for both training stages")
+    args, extra = ap.parse_known_args(argv)
+    overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    from blspkd_jax import teacher
+
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    quick = []
+    if args.quick:
+        args.num_sentences = min(args.num_sentences, 120)
+        args.teacher_steps = args.teacher_steps or 60
+        quick = ["total_steps=6", "log_every_steps=2", "checkpoint_every_steps=6"]
+    t = stage("1/8 corpus: espeak-ng speaks WordNet example sentences")
+    build_corpus(root / "corpus", args.num_sentences)
+    timings["corpus"] = time.perf_counter() - t
+
+    t = stage("2/8 teacher: tokenizer and a small text LM trained on the same sentences")
+    summary = train_teacher(root / "corpus", root / "teacher", args.teacher_steps or None)
+    timings["teacher"] = time.perf_counter() - t
+    print(json.dumps({k: summary.get(k) for k in ("final_loss", "eval")}, indent=1))
+
+    t = stage("3/8 labels: the teacher continues every transcript (BLSP continuation writing)")
+    instruction = teacher.CONTINUE_INSTRUCTION + "\n\n"
+    manifests = write_labels(root / "corpus", root / "teacher", root / "labels", instruction)
+    timings["labels"] = time.perf_counter() - t
+    common = [f"data.instruction={instruction}", *quick, *overrides]
+
+    t = stage("4/8 untrained model (step 0) for comparison")
+    untrained = run_config("stage1", manifests, root / "teacher", [*common, "total_steps=0"])
+    train(untrained, root / "untrained")
+    t = stage("5/8 stage 1: align speech to text (CFormer and encoder; LLM frozen)")
+    stage1 = run_config("stage1", manifests, root / "teacher", common)
+    train(stage1, root / "stage1")
+    timings["stage1"] = time.perf_counter() - t
+
+    t = stage("6/8 stage 2: PLoRA at speech positions, from stage 1")
+    stage2 = run_config(
+        "stage2", manifests, root / "teacher", [*common, f"train.init_from={root / 'stage1'}"]
+    )
+    train(stage2, root / "stage2")
+    timings["stage2"] = time.perf_counter() - t
+
+    t = stage("7/8 evaluation on held-out sentences")
+    table = evaluate_all(root, manifests["eval"], instruction)
+    timings["evaluation"] = time.perf_counter() - t
+    t = stage("8/8 export to Hugging Face and reload in PyTorch")
+    agree = export_and_verify(root, manifests["eval"])
+    timings["export"] = time.perf_counter() - t
+    table += f"\nPyTorch export: greedy text equals JAX's on {agree}.\n"
+    (root / "results.md").write_text(table)
+    (root / "timings.json").write_text(json.dumps(timings, indent=1))
+    print(table)
+    print("timings (s):", json.dumps({k: round(v) for k, v in timings.items()}))
+    return 0
+
+
+def export_and_verify(root: Path, eval_manifest: Path, rows: int = 4) -> str:
+    """Export stage 2, reload it with transformers, compare greedy text with JAX on a few rows."""
+    from blspkd_jax import export, generate, workdir
+
+    run = workdir.load_run(root / "stage2")
+    out = export.export_run(root / "stage2", root / "hf", run=run)
+    pairs = export.verify_export(out, run, generate.read_rows(eval_manifest)[:rows])
+    same = sum(a == b for a, b in pairs)
+    return f"{same}/{len(pairs)} held-out utterances ({out})"
+
+
+def evaluate_all(root: Path, eval_manifest: Path, instruction: str) -> str:
+    from blspkd_jax import evaluate, teacher, workdir
+
+    rows = {}
+    for name in ("untrained", "stage1", "stage2"):
+        run = workdir.load_run(root / name)
+        cont = evaluate.evaluate_run(
+            run,
+            eval_manifest,
+            instruction=instruction,
+            task="continuation",
+            out=root / name / "eval_continuation",
+        )
+        asr = evaluate.evaluate_run(
+            run,
+            eval_manifest,
+            instruction=teacher.REPEAT_INSTRUCTION,
+            task="asr",
+            out=root / name / "eval_repeat",
+        )
+        rows[name] = {
+            **cont,
+            "wer": asr["wer"],
+            "wer_text": asr["wer_text"],
+            "repeat_exact_match": asr["exact_match"],
+        }
+    (root / "results.json").write_text(json.dumps(rows, indent=1))
+    keys = [
+        ("input_kl", "input KL (lower is better)"),
+        ("response_kl", "response KL"),
+        ("top1_input", "top-1 agreement, input"),
+        ("top1_response", "top-1 agreement, response"),
+        ("exact_match", "exact match speech vs text, continuation"),
+        ("repeat_exact_match", "exact match speech vs text, repeat"),
+        ("wer", "WER of 'repeat' from speech"),
+        ("wer_text", "WER of 'repeat' from text (the teacher)"),
+        ("cif_length_error", "CIF length error |N_pred-N|/N"),
+    ]
+    lines = ["| metric | untrained | stage 1 | stage 2 |", "| --- | --- | --- | --- |"]
+    for key, label in keys:
+        vals = [rows[n].get(key, float("nan")) for n in ("untrained", "stage1", "stage2")]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
