@@ -216,7 +216,7 @@ def evaluate_all(root: Path, eval_manifest: Path, instruction: str) -> str:
         ("repeat_exact_match", "exact match speech vs text, repeat"),
         ("wer", "WER of 'repeat' from speech"),
         ("wer_text", "WER of 'repeat' from text (the teacher)"),
-        ("cif_length_error", "CIF length error |N_pred-N|/N"),
+        ("cif_length_error", "CIF length error, mean of abs(N_pred - N) / N"),
     ]
     lines = ["| metric | untrained | stage 1 | stage 2 |", "| --- | --- | --- | --- |"]
     for key, label in keys:
