@@ -13,18 +13,11 @@ import numpy as np
 
 from blspkd_jax import hf, optim
 from blspkd_jax.adapter import CFormerConfig
+from blspkd_jax.encoder import HF_CONFIG_KEYS as ENCODER_SIZE_KEYS
 from blspkd_jax.encoder import WhisperEncoderConfig
 from blspkd_jax.llm import LLMConfig
 from blspkd_jax.model import BLSPKDConfig, LossConfig
 
-ENCODER_SIZE_KEYS = (
-    "num_mel_bins",
-    "d_model",
-    "encoder_layers",
-    "encoder_attention_heads",
-    "encoder_ffn_dim",
-    "max_source_positions",
-)
 LLM_SIZE_KEYS = (
     "model_type",
     "vocab_size",

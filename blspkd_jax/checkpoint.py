@@ -24,7 +24,8 @@ def manager(workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
     path = Path(workdir).absolute() / "checkpoints"
-    return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
 
 def saved(state) -> dict[str, Any]:

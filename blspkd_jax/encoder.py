@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blspkd_jax import hf
 from blspkd_jax.layers import Stack, stack_layers, unstack_layers
 
 # Whisper's LayerNorms are torch.nn.LayerNorm with its default eps.
@@ -167,7 +168,7 @@ class WhisperEncoderConfig:
                 f"config.json: activation_function {act!r} unsupported, expected 'gelu'"
             )
         kw = {}
-        for f in _HF_CONFIG_KEYS:
+        for f in HF_CONFIG_KEYS:
             if f in overrides:
                 continue
             if f not in hf_config:
@@ -177,7 +178,7 @@ class WhisperEncoderConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers' `WhisperEncoder.from_pretrained` accepts."""
-        out = {f: getattr(self, f) for f in _HF_CONFIG_KEYS}
+        out = {f: getattr(self, f) for f in HF_CONFIG_KEYS}
         out.update(
             model_type="whisper",
             architectures=["WhisperEncoder"],
@@ -191,7 +192,7 @@ class WhisperEncoderConfig:
         return out
 
 
-_HF_CONFIG_KEYS = (
+HF_CONFIG_KEYS = (
     "num_mel_bins",
     "d_model",
     "encoder_layers",
@@ -360,11 +361,6 @@ HF_LAYER: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
 HF_PREFIXES = ("model.encoder.", "encoder.", "")
 
 # Both layout changes are their own inverse, so one table serves both directions.
-_LAYOUT = {
-    "linear": lambda a: a.T,
-    "conv": lambda a: a.transpose(2, 1, 0),
-    None: lambda a: a,
-}
 # First components of the encoder's own HF names (to spot tensors the config does not describe).
 _OWN = {"conv1", "conv2", "embed_positions", "layers", "layer_norm"}
 
@@ -413,14 +409,14 @@ def params_from_hf(config: WhisperEncoderConfig, state_dict: Mapping[str, Any]) 
         )
     params: dict = {}
     for h, path, layout in rows:
-        a = _LAYOUT[layout](np.asarray(state_dict[prefix + h]))
-        want = _get(expected, path).shape
+        a = hf.LAYOUT[layout](np.asarray(state_dict[prefix + h]))
+        want = hf.tree_get(expected, path).shape
         if a.shape != want:
             raise ValueError(
                 f"checkpoint tensor {prefix + h!r} has shape {a.shape} after conversion but the "
                 f"config expects {want}; check config.json"
             )
-        _set(params, path, jnp.asarray(a, dtype=config.param_dtype))
+        hf.tree_set(params, path, jnp.asarray(a, dtype=config.param_dtype))
     if config.scan_layers:
         params["layers"] = stack_layers(params["layers"], config.encoder_layers)
     return params
@@ -435,17 +431,5 @@ def params_to_hf(config: WhisperEncoderConfig, params: Mapping[str, Any]) -> dic
         params["layers"] = unstack_layers(params["layers"], config.encoder_layers)
     out = {}
     for h, path, layout in _hf_rows(config):
-        out[h] = np.ascontiguousarray(_LAYOUT[layout](np.asarray(_get(params, path))))
+        out[h] = np.ascontiguousarray(hf.LAYOUT[layout](np.asarray(hf.tree_get(params, path))))
     return out
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value

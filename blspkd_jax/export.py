@@ -148,21 +148,6 @@ def _adapter_shapes(cfg: CFormerConfig) -> dict:
     return nn.unbox(shapes["params"])
 
 
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-_LAYOUT = {"linear": lambda a: a.T, None: lambda a: a}
-
-
 def params_to_hf(model_cfg: BLSPKDConfig, params) -> dict[str, np.ndarray]:
     """The exported state dict (`encoder.*`, `adapter.*`, `llm.*`, `llm_lora.*`) from our params
     (scanned or looped, boxed or not); dtypes are kept, layouts converted exactly."""
@@ -172,7 +157,7 @@ def params_to_hf(model_cfg: BLSPKDConfig, params) -> dict[str, np.ndarray]:
         for k, v in encoder_lib.params_to_hf(model_cfg.encoder, p["encoder"]).items()
     }
     for name, path, layout in _adapter_rows(model_cfg.adapter):
-        a = _LAYOUT[layout](np.asarray(_get(p["adapter"], path)))
+        a = hf.LAYOUT[layout](np.asarray(hf.tree_get(p["adapter"], path)))
         out[f"adapter.{name}"] = np.ascontiguousarray(a)
     base_cfg = dataclasses.replace(model_cfg.llm, scan_layers=False)
     out.update({f"llm.{k}": v for k, v in llm_lib.params_to_hf(base_cfg, p["llm"]).items()})
@@ -210,14 +195,14 @@ def params_from_hf(model_cfg: BLSPKDConfig, state_dict: Mapping[str, Any]) -> di
     for name, path, layout in _adapter_rows(model_cfg.adapter):
         if name not in parts["adapter."]:
             raise ExportError(f"weights: tensor 'adapter.{name}' is missing")
-        a = _LAYOUT[layout](np.asarray(parts["adapter."][name]))
-        if a.shape != _get(shapes, path).shape:
+        a = hf.LAYOUT[layout](np.asarray(parts["adapter."][name]))
+        if a.shape != hf.tree_get(shapes, path).shape:
             raise ExportError(
                 f"weights: 'adapter.{name}' has shape {np.shape(parts['adapter.'][name])}, which "
                 f"does not fit the config's CFormer (d_model {model_cfg.adapter.d_model}, "
                 f"ffn_dim {model_cfg.adapter.ffn_dim}, llm_hidden {model_cfg.adapter.llm_hidden})"
             )
-        _set(adapter, path, jnp.asarray(a, model_cfg.adapter.param_dtype))
+        hf.tree_set(adapter, path, jnp.asarray(a, model_cfg.adapter.param_dtype))
         used.add(name)
     extra = sorted(set(parts["adapter."]) - used)
     if extra:

@@ -38,6 +38,29 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+# How a tensor's layout changes from Hugging Face (PyTorch) to ours: a torch Linear weight is
+# [out, in] where our kernel is [in, out]; a Conv1d weight [out, in, k] is ours [k, in, out].
+LAYOUT = {
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 1, 0),
+    None: lambda a: a,
+}
+
+
+def tree_get(tree, path):
+    """`tree[path[0]][path[1]]...` for a nested dict of parameters."""
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def tree_set(tree, path, value):
+    """Set `tree[path[0]]...[path[-1]] = value`, creating the dicts on the way."""
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing or malformed; the message names the file."""
 

@@ -50,10 +50,8 @@ def trained(tmp_path_factory, sentences):
 
 
 def test_continuation_and_wer():
-    assert (
-        teacher.continuation("The dog's bone, it seems, is gone!")
-        == "gone is seems it bone dog's the"
-    )
+    sentence = "The dog's bone, it seems, is gone!"
+    assert teacher.continuation(sentence) == "dog's bone it seems is gone the"
     assert teacher.edit_distance("kitten", "sitting") == 3
     assert teacher.edit_distance([], ["a", "b"]) == 2
     # "the cat sat" vs "a cat sat down": one substitution, one insertion over 3 reference words.
@@ -151,3 +149,37 @@ def test_same_seed_same_model(tmp_path, sentences):
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (
         tmp_path / "b/tokenizer.json"
     ).read_bytes()
+
+
+def test_training_rows_match_the_pipeline_layout(trained, sentences):
+    out, _ = trained
+    tok = AutoTokenizer.from_pretrained(out)
+    cfg = teacher.TeacherConfig(repeat_fraction=1.0, scramble_fraction=0.0, bucket_multiple=16)
+    conv = teacher.Conversations(tok, sentences[:8], cfg)
+    rows = conv.sample(np.random.default_rng(0))
+    assert len(rows) == 16
+    for k, (ids, start, end, prompt_len, text_weight) in enumerate(rows):
+        s = sentences[k // 2]
+        if k % 2 == 0:
+            want = build_layout(tok, s, s, teacher.REPEAT_INSTRUCTION, None)
+        else:  # the continuation variant is drawn: find which one lays out this row
+            layouts = [
+                build_layout(tok, s, teacher.continuation(s), ins, None)
+                for ins in teacher.CONTINUE_VARIANTS
+            ]
+            want = next(x for x in layouts if list(x["input_ids"]) == ids)
+        assert ids == list(want["input_ids"]) and text_weight == 1.0
+        assert prompt_len == want["prompt_length"]
+        assert np.array_equal(np.nonzero(want["speech_mask"])[0], np.arange(start, end))
+
+    scrambled = teacher.Conversations(tok, sentences[:8], cfg.__class__(scramble_fraction=1.0))
+    for ids, start, end, _, text_weight in scrambled.sample(np.random.default_rng(0)):
+        words = tok.decode(ids[start:end]).split()
+        assert text_weight == 0.0 and sorted(words) in [sorted(s.split()) for s in sentences[:8]]
+
+    batches = teacher.make_batches(rows, np.random.default_rng(0), cfg, tok.pad_token_id)
+    assert sum(int(m.any(-1).sum()) for _, m, _ in batches) == len(rows)
+    for ids, mask, w in batches:
+        assert ids.shape == mask.shape == w.shape and ids.shape[1] % 16 == 0
+        assert not w[:, 0].any() and not w[~mask].any() and (ids[~mask] == tok.pad_token_id).all()
+        assert set(np.unique(w[mask][1:])) <= {0.0, 1.0, cfg.response_weight}
