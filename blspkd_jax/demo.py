@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--num-sentences", type=int, default=3000)
     ap.add_argument("--teacher-steps", type=int, default=0, help="0: the teacher's default")
+    ap.add_argument("--eval-rows", type=int, default=160, help="held-out rows evaluated")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     ap.add_argument("overrides", nargs="*", help="--config.key=value for both training stages")
     args, extra = ap.parse_known_args(argv)
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     timings["stage2"] = time.perf_counter() - t
 
     t = stage("7/8 evaluation on held-out sentences")
-    table = evaluate_all(root, manifests["eval"], instruction)
+    table = evaluate_all(root, manifests["eval"], instruction, args.eval_rows)
     timings["evaluation"] = time.perf_counter() - t
     t = stage("8/8 export to Hugging Face and reload in PyTorch")
     agree = export_and_verify(root, manifests["eval"])
@@ -180,18 +181,22 @@ def export_and_verify(root: Path, eval_manifest: Path, rows: int = 4) -> str:
     return f"{same}/{len(pairs)} held-out utterances ({out})"
 
 
-def evaluate_all(root: Path, eval_manifest: Path, instruction: str) -> str:
+def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: int) -> str:
     from blspkd_jax import evaluate, teacher, workdir
 
     rows = {}
     for name in ("untrained", "stage1", "stage2"):
         run = workdir.load_run(root / name)
+        # Responses are at most ~25 tokens; an untrained model that never stops would otherwise
+        # decode the full default budget on every row.
+        kw = {"max_rows": max_rows, "max_new_tokens": 48, "batch_size": 16}
         cont = evaluate.evaluate_run(
             run,
             eval_manifest,
             instruction=instruction,
             task="continuation",
             out=root / name / "eval_continuation",
+            **kw,
         )
         asr = evaluate.evaluate_run(
             run,
@@ -199,6 +204,7 @@ def evaluate_all(root: Path, eval_manifest: Path, instruction: str) -> str:
             instruction=teacher.REPEAT_INSTRUCTION,
             task="asr",
             out=root / name / "eval_repeat",
+            **kw,
         )
         rows[name] = {
             **cont,

@@ -78,8 +78,8 @@ def _args(assets, workdir, *extra, manifest=None):
     ]
 
 
-def _train(args, **kw):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _train(args, env_extra=None, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "blspkd_jax.train", *args],
         cwd=REPO,
@@ -170,3 +170,49 @@ def test_multiprocess_launcher_runs_a_tiny_job(assets, tmp_path):
     assert p.returncode == 0, p.stderr + logs
     assert sorted(_metrics(workdir)) == [1, 2]
     assert "2 processes" in (workdir / "process0.log").read_text()
+
+
+def test_mesh_2x2x2_on_8_devices_matches_one_device(assets, tmp_path):
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    steps = ["--config.total_steps=2", "--config.data.eval_manifest="]
+    p1 = _train(_args(assets, one, *steps, "--config.mesh.fsdp=1"))
+    p8 = _train(
+        _args(assets, eight, *steps, "--config.mesh.data=2", "--config.mesh.fsdp=2",
+              "--config.mesh.tensor=2"),
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )  # fmt: skip
+    for p in (p1, p8):
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:]
+    a, b = _metrics(one), _metrics(eight)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        for name in ("loss", "input_kl", "response_kl", "cif", "grad_norm"):
+            np.testing.assert_allclose(b[step][name], a[step][name], rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(assets, tmp_path):
+    """orbax writes a step into a temporary folder and renames it when complete; a half-written
+    step (what a kill mid-save leaves) must be ignored and the previous one restored."""
+    import shutil
+
+    from blspkd_jax import checkpoint
+
+    workdir = tmp_path / "w"
+    p = _train(_args(assets, workdir, "--config.total_steps=2", "--config.data.eval_manifest="))
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    ckpts = workdir / "checkpoints"
+    partial = ckpts / "3.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpts / "2", partial)
+    (partial / "state" / "commit_success.txt").unlink(missing_ok=True)
+    for f in list(partial.rglob("*"))[::2]:  # a torn write: half the files missing
+        if f.is_file():
+            f.unlink()
+    mngr = checkpoint.manager(workdir)
+    assert mngr.latest_step() == 2
+    p = _train(_args(assets, workdir, "--config.total_steps=3", "--config.data.eval_manifest="))
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    assert "resumed from step 2" in out
+    assert sorted(_metrics(workdir)) == [1, 2, 3]
