@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import types
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ from blspkd_jax.llm import LLM, LLMConfig, lm_head_kernel, split_lora
 from blspkd_jax.model import BLSPKD, BLSPKDConfig
 from blspkd_jax.workdir import Run, default_mesh, load_run
 
-REPO = __import__("pathlib").Path(__file__).parent.parent
+REPO = Path(__file__).parent.parent
 MAX_NEW = 32  # as `export --verify-manifest` generates, so compiled programs are shared
 SECONDS = (0.55, 0.8, 1.1)
 

@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 from test_layout import tiny_chat_tokenizer
 
 from blspkd_jax import hf
 from blspkd_jax.data.corpus import build_corpus
-from blspkd_jax.llm import LLMConfig
+from blspkd_jax.llm import LLM, LLMConfig
 
 REPO = Path(__file__).parent.parent
 
@@ -55,12 +57,8 @@ def assets(tmp_path_factory):
         num_kv_heads=2,
         tie_word_embeddings=True,
     )
-    import jax
-
-    from blspkd_jax.llm import LLM
-
     params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
-    hf.save_llm(root / "llm", cfg, jax.tree.map(np.asarray, __import__("flax").linen.unbox(params)))
+    hf.save_llm(root / "llm", cfg, jax.tree.map(np.asarray, nn.unbox(params)))
     return root
 
 
