@@ -2,7 +2,9 @@
 
 Memory is XLA's compiled memory analysis (temporary buffers, i.e. what the computation allocates
 beyond its inputs and outputs); time is the median wall time of a few runs after a warm-up. The full
-run sweeps tile sizes and names the fastest one whose temporary memory is <= 15% of naive.
+run sweeps tile sizes and names the fastest one whose temporary memory is <= 15% of naive. A second
+table times the training loss's vocabulary terms (input_kl + response_kl, and + response_ce) as one
+call per term vs all terms in one pass (`kd_kl` with weight columns, `kd_kl_and_cross_entropy`).
 
     .venv/bin/python benchmarks/kd_kl.py            # V=151936, H=896, M=4x512 (Qwen2.5-0.5B head)
     .venv/bin/python benchmarks/kd_kl.py --quick    # small shapes, seconds
@@ -17,7 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from blspkd_jax.losses import default_tile_rows, kd_kl
+from blspkd_jax.losses import (
+    default_tile_rows,
+    kd_kl,
+    kd_kl_and_cross_entropy,
+    tiled_cross_entropy,
+)
 
 MEMORY_GOAL = 0.15  # tiled temporary memory as a fraction of naive (issue 4)
 
@@ -48,6 +55,23 @@ def measure(loss_fn, args, repeats):
     return temp, statistics.median(times), out
 
 
+def measure_interleaved(loss_fns, args, repeats):
+    """`measure` for several loss functions, their timed runs interleaved (A B A B ...), so that
+    load from other processes on a shared machine falls on all of them alike."""
+    compiled = [jax.jit(jax.value_and_grad(f)).lower(*args).compile() for f in loss_fns]
+    outs = [jax.block_until_ready(c(*args)) for c in compiled]  # warm-up
+    times = [[] for _ in compiled]
+    for _ in range(repeats):
+        for c, t in zip(compiled, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            t.append(time.perf_counter() - start)
+    return [
+        (c.memory_analysis().temp_size_in_bytes, statistics.median(t), out)
+        for c, t, out in zip(compiled, times, outs, strict=True)
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
@@ -58,6 +82,9 @@ def main():
     parser.add_argument("--tiles", type=int, nargs="*", help="tile sizes to sweep")
     parser.add_argument("--repeats", type=int, help="timed runs per variant (median reported)")
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument(
+        "--pass-tile", type=int, help="tile_rows for the several-terms table (default: library's)"
+    )
     args = parser.parse_args()
 
     m = args.rows or (512 if args.quick else 2048)
@@ -120,6 +147,62 @@ def main():
         )
     else:
         print(f"\nNo tile size met the memory goal (<= {MEMORY_GOAL:.0%} of naive).")
+    several_terms(inputs, temp_t, args.pass_tile or default_tile_rows(), repeats)
+
+
+def several_terms(inputs, temperature, tile, repeats):
+    """input_kl + response_kl (+ response_ce): one call per term vs one pass for all of them."""
+    student, teacher, lm_head, _ = inputs
+    m, v = student.shape[0], lm_head.shape[1]
+    ki, kl_ = jax.random.split(jax.random.key(1))
+    # Disjoint row selections like the layout's: transcript positions, then response positions.
+    u = jax.random.uniform(ki, (m,))
+    w_in, w_resp = (u < 0.4).astype(jnp.float32), (u > 0.6).astype(jnp.float32)
+    labels = jax.random.randint(kl_, (m,), 0, v)
+    kw = {"temperature": temperature, "tile_rows": tile}
+    both = jnp.stack([w_in, w_resp], axis=-1)
+
+    def kl_two_calls(s, t, head):
+        return kd_kl(s, t, head, w_in, **kw) + kd_kl(s, t, head, w_resp, **kw)
+
+    def kl_one_call(s, t, head):
+        return jnp.sum(kd_kl(s, t, head, both, **kw))
+
+    def all_three_calls(s, t, head):
+        ce = tiled_cross_entropy(s, head, labels, w_resp, tile_rows=tile)
+        return kl_two_calls(s, t, head) + ce
+
+    def all_one_call(s, t, head):
+        kl, ce = kd_kl_and_cross_entropy(s, t, head, both, labels, w_resp, **kw)
+        return jnp.sum(kl) + ce
+
+    print(
+        f"\nSeveral loss terms, value-and-grad wrt student, tile_rows={tile}: one call per term "
+        f"vs one pass over the vocabulary\n"
+    )
+    print("| terms | calls | temp memory (MiB) | time (s) | vs one call per term |")
+    print("|---|---|---|---|---|", flush=True)
+    args = (student, teacher, lm_head)
+    for terms, separate, together in (
+        ("input_kl + response_kl", kl_two_calls, kl_one_call),
+        ("input_kl + response_kl + response_ce", all_three_calls, all_one_call),
+    ):
+        (temp_a, sec_a, (loss_a, grad_a)), (temp_b, sec_b, (loss_b, grad_b)) = measure_interleaved(
+            (separate, together), args, repeats
+        )
+        scale = float(jnp.max(jnp.abs(grad_a.astype(jnp.float32))))
+        err = float(jnp.max(jnp.abs((grad_a - grad_b).astype(jnp.float32)))) / scale
+        tol = 1e-4 if student.dtype == jnp.float32 else 5e-2
+        if abs(float(loss_a) - float(loss_b)) > tol * abs(float(loss_a)) or err > tol:
+            raise SystemExit(
+                f"{terms}: one pass and separate calls disagree ({loss_b} vs {loss_a})"
+            )
+        n = terms.count("+") + 1
+        for calls, temp, sec in ((f"{n} (one per term)", temp_a, sec_a), ("1", temp_b, sec_b)):
+            print(
+                f"| {terms} | {calls} | {temp / 2**20:.1f} | {sec:.3f} | {sec / sec_a:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -46,14 +46,17 @@ def consistency_sums(model: BLSPKD, params, batch, loss_cfg: LossConfig) -> dict
     top_s = losses.top1_predictions(s, head, tile_rows=loss_cfg.tile_rows or None)
     top_t = losses.top1_predictions(t, head, tile_rows=loss_cfg.tile_rows or None)
     agree = (top_s == top_t).astype(jnp.float32)
+    # Both KL terms from one pass over the vocabulary: one weight column per selection.
+    names = ("input", "response")
+    w = jnp.stack([rows[n] for n in names], -1).astype(jnp.float32)
+    kl = losses.kd_kl(
+        s, t, head, w, temperature=loss_cfg.temperature, tile_rows=loss_cfg.tile_rows or None
+    )
     out = {}
-    for name, w in (("input", rows["input"]), ("response", rows["response"])):
-        w = w.astype(jnp.float32)
-        kl = losses.kd_kl(
-            s, t, head, w, temperature=loss_cfg.temperature, tile_rows=loss_cfg.tile_rows or None
-        )
-        out[f"{name}_kl"] = (kl * w.sum(), w.sum())
-        out[f"top1_{name}"] = ((agree * w).sum(), w.sum())
+    for k, name in enumerate(names):
+        total = w[:, k].sum()
+        out[f"{name}_kl"] = (kl[k] * total, total)
+        out[f"top1_{name}"] = ((agree * w[:, k]).sum(), total)
     n = batch["text_lengths"].astype(jnp.float32)
     pred = jnp.maximum(1.0, jnp.round(aux["alpha_sum"]))
     ex = batch["example_mask"].astype(jnp.float32)

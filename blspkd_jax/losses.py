@@ -4,9 +4,12 @@ is ever materialised (SPEC sections 4 and 8).
 
 Rows M are the selected positions flattened over the batch (B*L, or only the positions a loss
 uses); H is the LLM width, V the vocabulary. One tiler (`_map_row_tiles`) and one custom VJP
-(`_tiled_weighted_mean`) serve every function here. The VJP computes d(loss)/d(hidden) inside the
-forward tile pass, while each tile's logits are alive anyway, so the backward pass is a single
-scale of an [M, H] residual and never revisits the vocabulary.
+(`_tiled_weighted_means`) serve every function here. Each tile forms the student logits once and
+evaluates every requested per-row term on them (KL and cross-entropy), and one pass yields weighted
+means under several weight vectors at once (input_kl and response_kl are the same per-row KL under
+two row selections). The VJP computes each term's d(row)/d(hidden) inside that forward tile pass,
+while the tile's logits are alive anyway, so the backward pass only rescales [M, H] residuals and
+never revisits the vocabulary.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-# Rows per tile when the caller doesn't say; a tile holds ~4 [tile_rows, V] fp32 buffers.
+# Rows per tile when the caller doesn't say; a tile holds ~4 [tile_rows, V] fp32 buffers (~6 in
+# kd_kl_and_cross_entropy).
 # CPU: 64, the fastest of 64/128/256/512 in two runs of benchmarks/kd_kl.py at Qwen2.5 shapes
 # (M = 2048, H = 896, V = 151936, fp32): 162 MiB of temporaries, 2.7% of the full-logits version's
 # 5.9 GiB, and 0.5-0.75x its time. Accelerators: 256 (608 MiB, 10% of naive at M = 2048), because
@@ -36,9 +41,10 @@ def default_tile_rows(backend: str | None = None) -> int:
     return CPU_TILE_ROWS if cpu else ACCELERATOR_TILE_ROWS
 
 
-# row_fn(x [t, H], aux [t, ...], lm_head [H, V], with_grad) -> rows [t]  or  (rows [t], drows/dx
-# [t, H] fp32). x is the differentiable hidden state, aux whatever else each row needs.
-RowFn = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
+# term(z [t, V] fp32 student logits, aux [t, ...], lm_head [H, V], with_grad) -> row [t]  or
+# (row [t], d row / dz [t, V] fp32). aux is whatever else the term needs per row (the teacher's
+# hidden states, the labels).
+Term = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,12 +108,14 @@ def _logits_vjp(dz: jax.Array, x: jax.Array, lm_head: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# The one custom VJP: loss = sum_i w_i r_i / sum_i w_i, with r_i = row_fn(x_i, aux_i, lm_head).
+# The one custom VJP: out_k = sum_i w_ik r_{i, c_k} / sum_i w_ik for K weight columns, where
+# r_ij = terms[j](x_i W, aux_ij, W) and c_k = columns[k] names the term column k averages.
 
 
 def _mean_scale(weights: jax.Array) -> jax.Array:
-    """w / sum w, with sum w == 0 taken as 1 so that the loss is then 0, not NaN."""
-    total = jnp.sum(weights)
+    """w / sum w per column of weights [M, K], with sum w == 0 taken as 1 so the mean is 0, not
+    NaN."""
+    total = jnp.sum(weights, axis=0)
     return weights / jnp.where(total == 0, 1.0, total)
 
 
@@ -117,53 +125,87 @@ def _masked(mask: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _tiled_weighted_mean(row_fn: RowFn, x, aux, lm_head, weights, tile_rows: int):
-    rows = _map_row_tiles(lambda xt, at: row_fn(xt, at, lm_head, False), (x, aux), tile_rows)
-    scale = _mean_scale(weights)
-    return jnp.sum(_masked(weights != 0, scale * rows))
+def _weighted_means(rows: jax.Array, weights: jax.Array, columns: tuple[int, ...]) -> jax.Array:
+    """rows [M, J], weights [M, K] -> [K]: the weighted mean of term columns[k] under column k."""
+    per_column = rows[:, np.asarray(columns)]  # [M, K]
+    return jnp.sum(_masked(weights != 0, _mean_scale(weights) * per_column), axis=0)
 
 
-def _tiled_weighted_mean_fwd(row_fn: RowFn, x, aux, lm_head, weights, tile_rows: int):
-    scale = _mean_scale(weights)
+def _terms_on_tile(terms: tuple[Term, ...], x, aux, lm_head, with_grad: bool):
+    """One tile: the student logits once, then every term on them -> rows [t, J] (and the
+    per-term gradients wrt x, [t, J, H] fp32, if asked)."""
+    z = _logits(x, lm_head)
+    out = [term(z, a, lm_head, with_grad) for term, a in zip(terms, aux, strict=True)]
+    if not with_grad:
+        return jnp.stack(out, axis=1)
+    rows = jnp.stack([r for r, _ in out], axis=1)
+    return rows, jnp.stack([_logits_vjp(dz, x, lm_head) for _, dz in out], axis=1)
 
-    def tile(xt, at, st):
-        r, dx = row_fn(xt, at, lm_head, True)
-        # Scale by w_i / sum w here, while the tile is in hand: the residual is then final.
-        return r, _masked(st != 0, st[:, None] * dx).astype(xt.dtype)
 
-    rows, dx = _map_row_tiles(tile, (x, aux, scale), tile_rows)
-    return jnp.sum(_masked(weights != 0, scale * rows)), dx
+def _active_terms(weights: jax.Array, columns: tuple[int, ...], n_terms: int) -> jax.Array:
+    """[M, J] bool: row i has a non-zero weight in some column that averages term j."""
+    uses = np.asarray(columns)[:, None] == np.arange(n_terms)[None, :]  # [K, J], static
+    return jnp.any((weights != 0)[:, :, None] & uses[None], axis=1)
 
 
-def _tiled_weighted_mean_bwd(row_fn, tile_rows, dx, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
+def _tiled_weighted_means(
+    terms: tuple[Term, ...], x, aux, lm_head, weights, columns: tuple[int, ...], tile_rows: int
+):
+    rows = _map_row_tiles(
+        lambda xt, *at: _terms_on_tile(terms, xt, at, lm_head, False), (x, *aux), tile_rows
+    )
+    return _weighted_means(rows, weights, columns)
+
+
+def _tiled_weighted_means_fwd(terms, x, aux, lm_head, weights, columns, tile_rows):
+    active = _active_terms(weights, columns, len(terms))
+
+    def tile(xt, act, *at):
+        r, dx = _terms_on_tile(terms, xt, at, lm_head, True)
+        # The cotangents of the K means are unknown until the backward pass, so keep each term's
+        # gradient per row (J of them, J <= K) rather than a single pre-scaled one.
+        return r, _masked(act, dx).astype(xt.dtype)
+
+    rows, dx = _map_row_tiles(tile, (x, active, *aux), tile_rows)
+    return _weighted_means(rows, weights, columns), (dx, _mean_scale(weights))
+
+
+def _tiled_weighted_means_bwd(terms, columns, tile_rows, residuals, g):
+    dx, scale = residuals  # [M, J, H], [M, K]
+    uses = np.asarray(columns)[:, None] == np.arange(len(terms))[None, :]  # [K, J]
+    # d out_k / d x_i = scale_ik d r_{i, c_k} / d x_i; sum over k with cotangents g [K]. An
+    # elementwise product and sum (J and K are tiny), so no matmul precision setting applies.
+    per_term = jnp.sum((scale * g)[:, :, None] * uses[None], axis=1)  # [M, J]
+    grad = jnp.sum(per_term[:, :, None] * dx.astype(jnp.float32), axis=1)
     # Gradients flow to x only (SPEC section 8): aux (the teacher, the labels) is under
     # stop-gradient, lm_head is frozen and the weights are a selection: symbolic zeros for those.
-    return (g * dx).astype(dx.dtype), None, None, None
+    return grad.astype(dx.dtype), None, None, None
 
 
-_tiled_weighted_mean.defvjp(_tiled_weighted_mean_fwd, _tiled_weighted_mean_bwd)
+_tiled_weighted_means.defvjp(_tiled_weighted_means_fwd, _tiled_weighted_means_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-row functions
+# Per-row terms
 
 
-def _kd_rows(s, t, lm_head, with_grad: bool, *, temperature: float):
-    """KL(softmax(t W / T) || softmax(s W / T)) per row, and its gradient wrt s if asked."""
-    log_q = jax.nn.log_softmax(_logits(s, lm_head) / temperature)  # student
+def _kd_term(z, t, lm_head, with_grad: bool, *, temperature: float):
+    """KL(softmax(t W / T) || softmax(z / T)) per row (z = s W), and its gradient wrt z if asked."""
+    log_q = jax.nn.log_softmax(z / temperature)  # student
     log_p = jax.nn.log_softmax(_logits(t, lm_head) / temperature)  # teacher
     p = jnp.exp(log_p)
     kl = jnp.sum(p * (log_p - log_q), axis=-1)
     if not with_grad:
         return kl
     # d KL / d(student logits) = (q - p) / T.
-    return kl, _logits_vjp((jnp.exp(log_q) - p) / temperature, s, lm_head)
+    return kl, (jnp.exp(log_q) - p) / temperature
 
 
-def _ce_rows(h, labels, lm_head, with_grad: bool):
-    """-log softmax(h W)[label] per row (NaN for a label outside [0, V)), and its gradient wrt h."""
-    log_q = jax.nn.log_softmax(_logits(h, lm_head))
+def _ce_term(z, labels, lm_head, with_grad: bool):
+    """-log softmax(z)[label] per row (NaN for a label outside [0, V)), and its gradient wrt z."""
+    del lm_head  # the student logits z are all cross-entropy needs
+    log_q = jax.nn.log_softmax(z)
     vocab = log_q.shape[-1]
     # A one-hot reduction rather than a gather: it partitions cleanly when V is sharded.
     one_hot = labels[:, None] == jnp.arange(vocab)[None, :]
@@ -171,7 +213,7 @@ def _ce_rows(h, labels, lm_head, with_grad: bool):
     ce = jnp.where((labels >= 0) & (labels < vocab), ce, jnp.nan)
     if not with_grad:
         return ce
-    return ce, _logits_vjp(jnp.exp(log_q) - one_hot, h, lm_head)
+    return ce, jnp.exp(log_q) - one_hot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,18 +221,25 @@ def _ce_rows(h, labels, lm_head, with_grad: bool):
 
 
 def _check_rows(fn: str, hidden: jax.Array, lm_head: jax.Array, **rows) -> None:
-    """Shapes: hidden [M, H], lm_head [H, V]; each of `rows` is (array, "[M]" or "[M, H]")."""
+    """Shapes: hidden [M, H], lm_head [H, V]; each of `rows` is (array, "[M]", "[M, H]" or
+    "[M] or [M, K]")."""
     if hidden.ndim != 2 or lm_head.ndim != 2 or hidden.shape[1] != lm_head.shape[0]:
         raise ValueError(
             f"{fn}: expected hidden [M, H] and lm_head [H, V] with the same H, got hidden "
             f"{tuple(hidden.shape)} and lm_head {tuple(lm_head.shape)} (flatten [B, L, H] to "
             f"[B*L, H] first)"
         )
+    m = hidden.shape[0]
     for name, (x, expected) in rows.items():
-        shape = hidden.shape if expected == "[M, H]" else hidden.shape[:1]
-        if tuple(x.shape) != tuple(shape):
+        if expected == "[M] or [M, K]":
+            ok = x.ndim in (1, 2) and x.shape[0] == m and (x.ndim == 1 or x.shape[1] >= 1)
+            shape = f"[{m}] or [{m}, K >= 1]"
+        else:
+            shape = hidden.shape if expected == "[M, H]" else hidden.shape[:1]
+            ok = tuple(x.shape) == tuple(shape)
+        if not ok:
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(x.shape)}; expected {expected} = {tuple(shape)} "
+                f"{fn}: {name} has shape {tuple(x.shape)}; expected {expected} = {shape} "
                 f"like the hidden states"
             )
 
@@ -201,6 +250,32 @@ def _check_tile_rows(fn: str, tile_rows) -> int:
     if not isinstance(tile_rows, int) or tile_rows < 1:
         raise ValueError(f"{fn}: tile_rows must be a positive Python int, got {tile_rows!r}")
     return tile_rows
+
+
+def _check_temperature(fn: str, temperature) -> float:
+    try:
+        temperature = float(temperature)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        temperature = None  # a traced value: the tile functions need a constant
+    if temperature is None or not temperature > 0:
+        raise ValueError(f"{fn}: temperature must be a positive Python number, got {temperature}")
+    return temperature
+
+
+def _check_labels(fn: str, labels: jax.Array) -> None:
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{fn}: labels must be integers, got {labels.dtype}")
+
+
+def _as_columns(weights: jax.Array) -> jax.Array:
+    """weights [M] or [M, K] -> [M, K] fp32."""
+    weights = jnp.asarray(weights, jnp.float32)
+    return weights[:, None] if weights.ndim == 1 else weights
+
+
+def _unstack(means: jax.Array, weights: jax.Array) -> jax.Array:
+    """[K] means back to a scalar when the caller passed one weight vector [M]."""
+    return means[0] if weights.ndim == 1 else means
 
 
 def kd_kl(
@@ -219,36 +294,36 @@ def kd_kl(
     selected positions), T = temperature. The KL is summed over the vocabulary and NOT multiplied by
     T^2 (Hinton's gradient-scale correction): fold that into the loss weight if wanted.
 
+    weights [M, K] gives K such means at once, [K] (e.g. input_kl and response_kl as two 0/1
+    columns): the per-row KL is computed once, in one pass over the vocabulary, and each column
+    averages it; the result equals K calls with one column each, gradients included.
+
     Logits are formed and reduced in fp32 whatever the input dtype, in tiles of `tile_rows` rows
     (None: `default_tile_rows()`), so memory is O(tile_rows * V) instead of O(M * V). Gradients
     flow to student_hidden only (computed during the forward tile pass): the teacher is under
     stop-gradient, lm_head is treated as frozen and the weights as constants (all three get zero
-    gradient). Returns 0 when sum(w) == 0. Rows with w_i == 0 never affect the value or the
-    gradient, even if they hold
-    inf/NaN. `temperature` must be a Python number.
+    gradient). A column with sum(w) == 0 gives 0. Rows with w_i == 0 in every column never affect
+    the value or the gradient, even if they hold inf/NaN. `temperature` must be a Python number.
     """
     _check_rows(
         "kd_kl",
         student_hidden,
         lm_head,
         teacher_hidden=(teacher_hidden, "[M, H]"),
-        weights=(weights, "[M]"),
+        weights=(weights, "[M] or [M, K]"),
     )
-    try:
-        temperature = float(temperature)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        temperature = None  # a traced value: the tile functions need a constant
-    if temperature is None or not temperature > 0:
-        raise ValueError(f"kd_kl: temperature must be a positive Python number, got {temperature}")
-    row_fn = functools.partial(_kd_rows, temperature=temperature)
-    return _tiled_weighted_mean(
-        row_fn,
+    temperature = _check_temperature("kd_kl", temperature)
+    columns = _as_columns(weights)
+    means = _tiled_weighted_means(
+        (functools.partial(_kd_term, temperature=temperature),),
         student_hidden,
-        teacher_hidden,
+        (teacher_hidden,),
         lm_head,
-        jnp.asarray(weights, jnp.float32),
+        columns,
+        (0,) * columns.shape[1],
         _check_tile_rows("kd_kl", tile_rows),
     )
+    return _unstack(means, weights)
 
 
 def tiled_cross_entropy(
@@ -261,24 +336,75 @@ def tiled_cross_entropy(
 ) -> jax.Array:
     """Weighted mean cross-entropy `sum_i w_i (-log softmax(h_i W)[labels_i]) / sum_i w_i`.
 
-    hidden [M, H], lm_head W [H, V], labels [M] ints in [0, V), weights [M]. Tiled and
-    differentiated like `kd_kl`: gradients flow to hidden only. Labels of rows
-    with w_i == 0 are ignored (any value, e.g. -100, is fine there); a label outside [0, V) on a
-    weighted row makes the loss NaN rather than silently wrong. Returns 0 when sum(w) == 0.
+    hidden [M, H], lm_head W [H, V], labels [M] ints in [0, V), weights [M] (-> scalar) or [M, K]
+    (-> [K], one mean per column). Tiled and differentiated like `kd_kl`: gradients flow to hidden
+    only. Labels of rows with w_i == 0 are ignored (any value, e.g. -100, is fine there); a label
+    outside [0, V) on a weighted row makes the loss NaN rather than silently wrong. A column with
+    sum(w) == 0 gives 0.
     """
     _check_rows(
-        "tiled_cross_entropy", hidden, lm_head, labels=(labels, "[M]"), weights=(weights, "[M]")
-    )
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"tiled_cross_entropy: labels must be integers, got {labels.dtype}")
-    return _tiled_weighted_mean(
-        _ce_rows,
+        "tiled_cross_entropy",
         hidden,
-        labels,
         lm_head,
-        jnp.asarray(weights, jnp.float32),
+        labels=(labels, "[M]"),
+        weights=(weights, "[M] or [M, K]"),
+    )
+    _check_labels("tiled_cross_entropy", labels)
+    columns = _as_columns(weights)
+    means = _tiled_weighted_means(
+        (_ce_term,),
+        hidden,
+        (labels,),
+        lm_head,
+        columns,
+        (0,) * columns.shape[1],
         _check_tile_rows("tiled_cross_entropy", tile_rows),
     )
+    return _unstack(means, weights)
+
+
+def kd_kl_and_cross_entropy(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array,
+    lm_head: jax.Array,
+    kl_weights: jax.Array,
+    labels: jax.Array,
+    ce_weights: jax.Array,
+    *,
+    temperature: float = 2.0,
+    tile_rows: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`(kd_kl(s, t, W, kl_weights), tiled_cross_entropy(s, W, labels, ce_weights))` in one pass.
+
+    Both terms are read off the same tile of student logits s W, so the vocabulary is swept once
+    (the student logits matmul and the tile loop are shared) instead of once per term. Shapes,
+    weights ([M] -> scalar, [M, K] -> [K], for each term separately), gradients (to
+    student_hidden only) and zero-weight rules are those of the two functions, and so are the
+    values up to float rounding.
+    """
+    _check_rows(
+        "kd_kl_and_cross_entropy",
+        student_hidden,
+        lm_head,
+        teacher_hidden=(teacher_hidden, "[M, H]"),
+        kl_weights=(kl_weights, "[M] or [M, K]"),
+        labels=(labels, "[M]"),
+        ce_weights=(ce_weights, "[M] or [M, K]"),
+    )
+    _check_labels("kd_kl_and_cross_entropy", labels)
+    temperature = _check_temperature("kd_kl_and_cross_entropy", temperature)
+    kl_columns, ce_columns = _as_columns(kl_weights), _as_columns(ce_weights)
+    k_kl, k_ce = kl_columns.shape[1], ce_columns.shape[1]
+    means = _tiled_weighted_means(
+        (functools.partial(_kd_term, temperature=temperature), _ce_term),
+        student_hidden,
+        (teacher_hidden, labels),
+        lm_head,
+        jnp.concatenate([kl_columns, ce_columns], axis=1),
+        (0,) * k_kl + (1,) * k_ce,
+        _check_tile_rows("kd_kl_and_cross_entropy", tile_rows),
+    )
+    return _unstack(means[:k_kl], kl_weights), _unstack(means[k_kl:], ce_weights)
 
 
 def top1_predictions(

@@ -9,7 +9,6 @@ both sequences have the same length, positions and attention mask (SPEC section 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -129,19 +128,7 @@ def compute_losses(
     rows = loss_rows(batch)
     s = student.reshape(B * L, H)
     t = teacher.reshape(B * L, H)
-    kl = functools.partial(
-        losses.kd_kl, temperature=loss_cfg.temperature, tile_rows=loss_cfg.tile_rows or None
-    )
-    terms = {}
-    if loss_cfg.input_kl:
-        terms["input_kl"] = kl(s, t, head, rows["input"].reshape(-1))
-    if loss_cfg.response_kl:
-        terms["response_kl"] = kl(s, t, head, rows["response"].reshape(-1))
-    if loss_cfg.response_ce:
-        labels = jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))).reshape(-1)
-        terms["response_ce"] = losses.tiled_cross_entropy(
-            s, head, labels, rows["response"].reshape(-1), tile_rows=loss_cfg.tile_rows or None
-        )
+    terms = _vocabulary_terms(s, t, head, batch, rows, loss_cfg)
     if loss_cfg.cif:
         terms["cif"] = aux_quantity_loss(aux, batch)
     total = sum(loss_cfg.weight(k) * v for k, v in terms.items())
@@ -153,6 +140,36 @@ def compute_losses(
         "num_tokens": (batch["attention_mask"] & batch["example_mask"][:, None]).sum(),
     }
     return total, metrics
+
+
+def _vocabulary_terms(s, t, head, batch, rows, loss_cfg: LossConfig) -> dict[str, jax.Array]:
+    """The enabled KL and cross-entropy terms from one tiled pass over the vocabulary.
+
+    s, t [B*L, H], head [H, V]. input_kl and response_kl are the same per-row KL averaged over
+    two row selections, and response_ce reads the same student logits, so one call computes them
+    all (`losses.kd_kl_and_cross_entropy`) instead of sweeping V once per term.
+    """
+    selection = {"input_kl": rows["input"], "response_kl": rows["response"]}
+    kl_names = [n for n in selection if loss_cfg.weight(n)]
+    # [B*L, K]: one weight column per enabled KL term.
+    kl_weights = jnp.stack([selection[n].reshape(-1) for n in kl_names], -1) if kl_names else None
+    kw = {"tile_rows": loss_cfg.tile_rows or None}
+    kl, ce = None, None
+    if loss_cfg.response_ce:
+        labels = jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))).reshape(-1)
+        ce_weights = rows["response"].reshape(-1)
+        if kl_names:
+            kl, ce = losses.kd_kl_and_cross_entropy(
+                s, t, head, kl_weights, labels, ce_weights, temperature=loss_cfg.temperature, **kw
+            )
+        else:
+            ce = losses.tiled_cross_entropy(s, head, labels, ce_weights, **kw)
+    elif kl_names:
+        kl = losses.kd_kl(s, t, head, kl_weights, temperature=loss_cfg.temperature, **kw)
+    terms = {n: kl[k] for k, n in enumerate(kl_names)}
+    if ce is not None:
+        terms["response_ce"] = ce
+    return terms
 
 
 def aux_quantity_loss(aux: Mapping[str, jax.Array], batch) -> jax.Array:

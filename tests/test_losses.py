@@ -1,5 +1,6 @@
-"""blspkd_jax.losses against the explicit full-logits formulas (numpy float64 for values, plainly
-written jax for gradients), optax for cross-entropy, and a single device for the sharded run."""
+"""blspkd_jax.losses (and model.compute_losses' use of them) against the explicit full-logits
+formulas (numpy float64 for values, plainly written jax for gradients), optax for cross-entropy,
+one call per term for the one-pass multi-term versions, and a single device for the sharded run."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny import VOCAB, random_batch, tiny_config
 
 from blspkd_jax import losses
+from blspkd_jax.model import LOSS_NAMES, LossConfig, compute_losses, loss_rows
 
 H, V = 8, 37  # V prime, so no other dimension is mistaken for it in the program checks
 
@@ -175,6 +178,108 @@ def test_top1_predictions_match_full_argmax():
     np.testing.assert_array_equal(np.asarray(top), expected)
 
 
+def _weight_columns(m, seed=4):
+    """[M, 3]: random weights with zero rows, a 0/1 selection, and a column of all zeros; rows 1
+    and 4 are zero in every column."""
+    _, _, _, random_w = _inputs(m, seed=seed, zero_rows=(1, 4))
+    mask = (jnp.arange(m) % 3 != 1).astype(jnp.float32)
+    return jnp.stack([random_w, mask, jnp.zeros(m)], axis=-1)
+
+
+def _np_means(per_row, weights):
+    """sum_i w_ik r_i / sum_i w_ik per column of weights [M, K], 0 for an all-zero column."""
+    per_row, weights = np.asarray(per_row, np.float64), np.asarray(weights, np.float64)
+    total = weights.sum(0)
+    return (weights * per_row[:, None]).sum(0) / np.where(total == 0, 1.0, total)
+
+
+def np_kl_rows(s, t, w_head, temperature):
+    s, t, w_head = (np.asarray(x, np.float64) for x in (s, t, w_head))
+    p = _np_softmax(t @ w_head / temperature)
+    q = _np_softmax(s @ w_head / temperature)
+    return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+
+
+def np_ce_rows(s, w_head, labels):
+    q = _np_softmax(np.asarray(s, np.float64) @ np.asarray(w_head, np.float64))
+    return -np.log(q[np.arange(len(labels)), np.asarray(labels)])
+
+
+@pytest.mark.parametrize("temperature,tile_rows", [(2.0, 4), (0.5, 16)], ids=str)
+def test_kd_kl_weight_columns_equal_separate_calls_and_formula(temperature, tile_rows):
+    s, t, w_head, _ = _inputs(14)
+    weights = _weight_columns(14)  # [M, 3]
+    cot = jnp.asarray([0.7, -1.3, 2.0])  # arbitrary cotangents for the three means
+    kw = {"temperature": temperature, "tile_rows": tile_rows}
+
+    @jax.jit  # one compilation for all three computations
+    def run(s, t, w_head):
+        value, vjp = jax.vjp(lambda *a: losses.kd_kl(*a, weights, **kw), s, t, w_head)
+        # K separate single-column calls, and autodiff of the full-logits formula (the all-zero
+        # column has no gradient there, as in a single call).
+        separate = [jax.value_and_grad(losses.kd_kl)(s, t, w_head, w, **kw) for w in weights.T]
+        ref = [jax.grad(ref_kd_kl)(s, t, w_head, weights[:, k], temperature) for k in (0, 1)]
+        return value, vjp(cot), separate, cot[0] * ref[0] + cot[1] * ref[1]
+
+    value, (g_s, g_t, g_head), separate, ref = run(s, t, w_head)
+    assert value.shape == (3,)
+    _close(value, jnp.stack([v for v, _ in separate]), 1e-6)
+    _close(g_s, sum(c * g for c, (_, g) in zip(cot, separate, strict=True)), 1e-6)
+    _close(value, _np_means(np_kl_rows(s, t, w_head, temperature), weights), 1e-5)
+    assert float(value[2]) == 0.0
+    _close(g_s, ref, 1e-5)
+    for g, x in ((g_t, t), (g_head, w_head)):  # teacher under stop-gradient, head frozen
+        assert g.shape == x.shape and not np.any(np.asarray(g))
+    # Rows unweighted in every column get no gradient and cannot poison the others with NaN.
+    assert not np.any(np.asarray(g_s)[[1, 4]])
+    bad_value, (bad_g_s, _, _), _, _ = run(s.at[1].set(jnp.nan), t.at[4].set(jnp.inf), w_head)
+    _close(bad_value, value, 1e-6)
+    _close(bad_g_s, g_s, 1e-6)
+
+
+def test_kd_kl_and_cross_entropy_in_one_pass_equal_separate_calls_and_formula():
+    m = 13
+    s, t, w_head, _ = _inputs(m)
+    kl_w = _weight_columns(m)[:, :2]
+    ce_w = _weight_columns(m, seed=5)[:, 1]
+    labels = jax.random.randint(jax.random.key(7), (m,), 0, V)
+    labels = jnp.where(ce_w != 0, labels, -100)  # ignored where unweighted
+    cot_kl, cot_ce = jnp.asarray([1.5, -0.5]), 0.8
+
+    def combined(s_, t_, h_):
+        kl, ce = losses.kd_kl_and_cross_entropy(
+            s_, t_, h_, kl_w, labels, ce_w, temperature=2.0, tile_rows=5
+        )
+        return jnp.sum(cot_kl * kl) + cot_ce * ce, (kl, ce)
+
+    def separate(s_):
+        kl = losses.kd_kl(s_, t, w_head, kl_w, tile_rows=5)
+        ce = losses.tiled_cross_entropy(s_, w_head, labels, ce_w, tile_rows=5)
+        return jnp.sum(cot_kl * kl) + cot_ce * ce, (kl, ce)
+
+    def ref(s_):
+        kl = jnp.stack([ref_kd_kl(s_, t, w_head, kl_w[:, k], 2.0) for k in range(2)])
+        ce = optax.softmax_cross_entropy_with_integer_labels(s_ @ w_head, jnp.maximum(labels, 0))
+        return jnp.sum(cot_kl * kl) + cot_ce * jnp.sum(ce_w * ce) / jnp.sum(ce_w)
+
+    @jax.jit
+    def run(s, t, w_head):
+        both = jax.value_and_grad(combined, argnums=(0, 1, 2), has_aux=True)(s, t, w_head)
+        return both, jax.value_and_grad(separate, has_aux=True)(s), jax.grad(ref)(s)
+
+    ((_, (kl, ce)), (g_s, g_t, g_head)), ((_, (kl_sep, ce_sep)), g_sep), g_ref = run(s, t, w_head)
+    assert kl.shape == (2,) and ce.shape == ()
+    _close(kl, kl_sep, 1e-6)
+    _close(ce, ce_sep, 1e-6)
+    _close(g_s, g_sep, 1e-6)
+    _close(kl, _np_means(np_kl_rows(s, t, w_head, 2.0), kl_w), 1e-5)
+    ce_rows = np.where(ce_w != 0, np_ce_rows(s, w_head, jnp.maximum(labels, 0)), 0.0)
+    _close(ce, _np_means(ce_rows, ce_w[:, None])[0], 1e-5)
+    _close(g_s, g_ref, 1e-5)
+    for g, x in ((g_t, t), (g_head, w_head)):
+        assert g.shape == x.shape and not np.any(np.asarray(g))
+
+
 def _all_shapes(jaxpr):
     """Every intermediate shape in a jaxpr, sub-jaxprs (scan bodies, custom rules) included."""
     shapes = []
@@ -186,6 +291,20 @@ def _all_shapes(jaxpr):
                 if hasattr(inner, "eqns"):
                     shapes += _all_shapes(inner)
     return shapes
+
+
+def _vocab_matmuls(jaxpr, vocab=V):
+    """How many matmuls in a jaxpr (sub-jaxprs included) take a vocab-sized operand."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            n += any(vocab in v.aval.shape for v in eqn.invars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _vocab_matmuls(inner, vocab)
+    return n
 
 
 def test_no_full_logits_in_the_program():
@@ -212,12 +331,183 @@ def test_no_full_logits_in_the_program():
     assert naive_bytes >= m * v * 4 and tiled_bytes <= 0.15 * naive_bytes
 
 
+class _GivenPasses:
+    """Stands in for BLSPKD in compute_losses: `apply` returns the student and teacher hidden
+    states [B, L, H] found in params (and fixed adapter aux), so the loss code can be run and
+    differentiated wrt those states for several configs without building the model."""
+
+    def __init__(self, aux):
+        self.config = tiny_config()
+        self.aux = aux
+
+    def apply(self, variables, batch, **_):
+        return variables["params"]["student"], variables["params"]["teacher"], self.aux
+
+
+@pytest.fixture(scope="module")
+def given_passes():
+    """(model stand-in, params {"student", "teacher", "llm"}, batch) on the tiny batch layout."""
+    batch = {k: jnp.asarray(v) for k, v in random_batch(0).items()}
+    B, L = batch["input_ids"].shape
+    h = tiny_config().llm.hidden_size
+    ks, kt, kh, ka = jax.random.split(jax.random.key(11), 4)
+    student = jax.random.normal(ks, (B, L, h))
+    teacher = student + jax.random.normal(kt, (B, L, h))
+    # Example B-1 is padding (example_mask False): NaN there must not reach any term.
+    student = student.at[B - 1].set(jnp.nan)
+    head = jax.random.normal(kh, (h, VOCAB)) * 0.4
+    aux = {"alpha_sum": batch["text_lengths"] + jax.random.normal(ka, (B,))}
+    params = {"student": student, "teacher": teacher, "llm": {"lm_head": {"kernel": head}}}
+    return _GivenPasses(aux), params, batch
+
+
+def _full_logits_terms(params, batch, cfg: LossConfig, numpy=True):
+    """compute_losses' KL and CE terms by the explicit formulas on full [B*L, V] logits, as plain
+    jax (differentiable) and, if `numpy`, float64 numpy (values)."""
+    B, L, H = params["student"].shape
+    real = batch["example_mask"]  # the padding example's NaN would poison a full-logits formula
+    s = jnp.where(real[:, None, None], params["student"], 0).reshape(B * L, H)
+    t = params["teacher"].reshape(B * L, H)
+    head = params["llm"]["lm_head"]["kernel"]
+    rows = {k: v.reshape(-1).astype(jnp.float32) for k, v in loss_rows(batch).items()}
+    labels = jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))).reshape(-1)
+    w_resp = rows["response"]
+    terms, np_terms = {}, {}
+    for name, w in (("input_kl", rows["input"]), ("response_kl", w_resp)):
+        if cfg.weight(name):
+            terms[name] = ref_kd_kl(s, t, head, w, cfg.temperature)
+            if numpy:
+                np_terms[name] = _np_means(np_kl_rows(s, t, head, cfg.temperature), w[:, None])[0]
+    if cfg.response_ce:
+        ce = optax.softmax_cross_entropy_with_integer_labels(s @ head, labels)
+        terms["response_ce"] = jnp.sum(w_resp * ce) / jnp.sum(w_resp)
+        if numpy:
+            ce_rows = np.where(w_resp != 0, np_ce_rows(s, head, labels), 0.0)
+            np_terms["response_ce"] = _np_means(ce_rows, w_resp[:, None])[0]
+    return terms, np_terms
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LossConfig(input_kl=1.0, response_kl=0.7, response_ce=0.3, tile_rows=48),  # padded tiles
+        LossConfig(),  # the defaults: both KL terms in one pass, no CE
+        LossConfig(input_kl=0.0, response_ce=1.0, tile_rows=100),
+        LossConfig(input_kl=0.0, response_kl=0.0, response_ce=1.0, temperature=1.0),
+        LossConfig(response_kl=0.0, temperature=0.5, tile_rows=256),
+    ],
+    ids=["kl2+ce", "kl2", "kl1+ce", "ce", "kl1"],
+)
+def test_compute_losses_match_full_logits_formula_and_separate_calls(given_passes, cfg):
+    passes, params, batch = given_passes
+    B, L, H = params["student"].shape
+    rows = {k: v.reshape(-1) for k, v in loss_rows(batch).items()}
+    labels = jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))).reshape(-1)
+    kw = {"tile_rows": cfg.tile_rows or None}
+    enabled = {k for k in LOSS_NAMES if cfg.weight(k)}
+
+    def ref_loss(p):
+        terms, _ = _full_logits_terms(p, batch, cfg, numpy=False)
+        return sum(cfg.weight(k) * v for k, v in terms.items())
+
+    def previous(p):
+        """The previous implementation: one kd_kl call per KL term, one tiled_cross_entropy."""
+        s, t = p["student"].reshape(B * L, H), p["teacher"].reshape(B * L, H)
+        head = p["llm"]["lm_head"]["kernel"]
+        out = {}
+        for name in enabled - {"cif", "response_ce"}:
+            w = rows[name.removesuffix("_kl")]
+            out[name] = losses.kd_kl(s, t, head, w, temperature=cfg.temperature, **kw)
+        if cfg.response_ce:
+            out["response_ce"] = losses.tiled_cross_entropy(s, head, labels, rows["response"], **kw)
+        return out
+
+    @jax.jit
+    def run(p):
+        ours = jax.value_and_grad(lambda p: compute_losses(passes, p, batch, cfg), has_aux=True)
+        return ours(p), previous(p), jax.grad(ref_loss)(p)["student"]
+
+    ((loss, metrics), grad), old, ref_grad = run(params)
+    terms, np_terms = _full_logits_terms(params, batch, cfg)
+    assert set(terms) | {"cif"} == enabled == {k for k in metrics if k in LOSS_NAMES}
+    for name, value in np_terms.items():
+        _close(metrics[name], value, 1e-5)
+    for name, value in old.items():
+        _close(metrics[name], value, 1e-6)
+    _close(loss, sum(cfg.weight(k) * float(metrics[k]) for k in enabled), 1e-6)
+
+    _close(grad["student"], ref_grad, 1e-5)
+    assert np.any(np.asarray(grad["student"]))
+    # One pass over the vocabulary for all terms: the student logits, the teacher logits if a KL
+    # term is on, and one d/dx matmul per kind of term (KL, CE).
+    loss_and_grad = jax.value_and_grad(lambda p: compute_losses(passes, p, batch, cfg)[0])
+    any_kl = bool(cfg.input_kl or cfg.response_kl)
+    expected = 1 + 2 * any_kl + bool(cfg.response_ce)
+    assert _vocab_matmuls(jax.make_jaxpr(loss_and_grad)(params).jaxpr, VOCAB) == expected
+    # The teacher under stop-gradient and the head frozen: zero, as with kd_kl itself.
+    assert not np.any(np.asarray(grad["teacher"]))
+    assert not np.any(np.asarray(grad["llm"]["lm_head"]["kernel"]))
+
+
+def test_compute_losses_with_no_weighted_rows_are_zero(given_passes):
+    # Every example padding: each term is 0, exactly what kd_kl and tiled_cross_entropy give for
+    # zero total weight (not NaN), and so is the gradient.
+    passes, params, batch = given_passes
+    empty = {**batch, "example_mask": jnp.zeros_like(batch["example_mask"])}
+    cfg = LossConfig(response_ce=1.0)
+    (_, metrics), grad = jax.jit(
+        jax.value_and_grad(lambda p: compute_losses(passes, p, empty, cfg), has_aux=True)
+    )(params)
+    for name in ("input_kl", "response_kl", "response_ce"):
+        assert float(metrics[name]) == 0.0, name
+    assert not np.any(np.asarray(grad["student"]))
+
+
+def test_several_terms_take_one_vocabulary_pass():
+    s, t, w_head, _ = _inputs(32)
+    weights = _weight_columns(32)[:, :2]
+    labels = jnp.arange(32) % V
+
+    def count(f):
+        return _vocab_matmuls(jax.make_jaxpr(jax.value_and_grad(f))(s).jaxpr)
+
+    def kl(x, w):
+        return losses.kd_kl(x, t, w_head, w, tile_rows=8)
+
+    def ce(x):
+        return losses.tiled_cross_entropy(x, w_head, labels, weights[:, 1], tile_rows=8)
+
+    def both(x):
+        kl, ce = losses.kd_kl_and_cross_entropy(
+            x, t, w_head, weights, labels, weights[:, 1], tile_rows=8
+        )
+        return jnp.sum(kl) + ce
+
+    # Per pass: student logits, teacher logits, and one d/dx matmul per term.
+    assert count(lambda x: kl(x, weights[:, 0])) == 3
+    assert count(lambda x: kl(x, weights[:, 0]) + kl(x, weights[:, 1])) == 6
+    assert count(lambda x: jnp.sum(kl(x, weights))) == 3
+    assert count(lambda x: kl(x, weights[:, 0]) + kl(x, weights[:, 1]) + ce(x)) == 8
+    assert count(both) == 4
+    # And still no more than one tile's logits at a time.
+    shapes = _all_shapes(jax.make_jaxpr(jax.value_and_grad(both))(s).jaxpr)
+    assert max(np.prod(sh) for sh in shapes if V in sh) <= 8 * V
+
+
 def test_input_errors_name_the_argument():
     s, t, w_head, weights = _inputs(6)
     with pytest.raises(ValueError, match="teacher_hidden"):
         losses.kd_kl(s, t[:5], w_head, weights)
     with pytest.raises(ValueError, match="weights"):
-        losses.kd_kl(s, t, w_head, weights[:, None])
+        losses.kd_kl(s, t, w_head, weights[:5])
+    with pytest.raises(ValueError, match="weights"):
+        losses.kd_kl(s, t, w_head, weights[:, None, None])
+    with pytest.raises(ValueError, match="weights"):
+        losses.kd_kl(s, t, w_head, jnp.zeros((6, 0)))  # K = 0 columns
+    with pytest.raises(ValueError, match="ce_weights"):
+        losses.kd_kl_and_cross_entropy(s, t, w_head, weights, weights.astype(int), weights[:5])
+    with pytest.raises(ValueError, match="labels"):
+        losses.kd_kl_and_cross_entropy(s, t, w_head, weights, weights, weights)
     with pytest.raises(ValueError, match="lm_head"):
         losses.kd_kl(s, t, w_head.T, weights)
     with pytest.raises(ValueError, match="temperature"):
@@ -252,7 +542,12 @@ _SHARDED_SCRIPT = textwrap.dedent(
         kd = jax.value_and_grad(lambda x: losses.kd_kl(x, t, head, weights, tile_rows=16))(s)
         ce = jax.value_and_grad(
             lambda x: losses.tiled_cross_entropy(x, head, labels, weights, tile_rows=16))(s)
-        return kd, ce, losses.top1_predictions(s, head, tile_rows=16)
+        # Two KL columns and the cross-entropy in one pass.
+        columns = jnp.stack([weights, jnp.arange(m) % 3 == 0], axis=-1)
+        both = jax.value_and_grad(lambda x: jnp.sum(jnp.concatenate(
+            [k.reshape(-1) for k in losses.kd_kl_and_cross_entropy(
+                x, t, head, columns, labels, weights, tile_rows=16)])))(s)
+        return kd, ce, both, losses.top1_predictions(s, head, tile_rows=16)
 
     single = jax.jit(step)(s, t, head, labels, weights)
     mesh = make_mesh(data=4, fsdp=1, tensor=2)
