@@ -3,11 +3,12 @@ export, and a table of untrained vs trained metrics.
 
 Offline there is no pretrained Whisper or LLM, so the demo (1) speaks WordNet example sentences
 with espeak-ng, (2) trains a tokenizer and a small text LM on them — the frozen teacher, standing
-in for a pretrained chat LLM, (3) lets the teacher write continuation labels for every transcript
-(BLSP's recipe), (4) runs stage 1 (CFormer, plus the small random encoder) and a short stage 2
-with PLoRA, (5) evaluates the untrained model and both stages on held-out sentences, (6) exports
-the result to a Hugging Face directory and reloads it in PyTorch. Every stage resumes: rerunning
-skips what is done.
+in for a pretrained chat LLM, (3) pretrains a small Whisper encoder as a CTC recogniser of the
+training speech — standing in for pretrained Whisper, (4) lets the teacher write continuation
+labels for every transcript (BLSP's recipe), (5) runs stage 1 (the CFormer, with the encoder and
+the LLM frozen, as in the paper) and a short stage 2 with PLoRA, (6) evaluates the untrained model
+and both stages on held-out sentences, (7) exports the result to a Hugging Face directory and
+reloads it in PyTorch. Every stage resumes: rerunning skips what is done.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def train_teacher(corpus: Path, out: Path, steps: int | None):
     held = load_sentences(corpus / "eval_sentences.txt")
     kw = {"steps": steps} if steps else {}
     return teacher.train_teacher(sentences, out, eval_sentences=held, **kw)
+
+
+def pretrain_encoder(corpus: Path, out: Path, steps: int | None):
+    from blspkd_jax import asr_encoder
+
+    cfg = asr_encoder.AsrEncoderConfig(**({"steps": steps} if steps else {}))
+    return asr_encoder.pretrain_encoder(
+        corpus / "train.jsonl", out, eval_manifest=corpus / "eval.jsonl", cfg=cfg
+    )
 
 
 def write_labels(corpus: Path, teacher_dir: Path, out_dir: Path, instruction: str):
@@ -110,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--num-sentences", type=int, default=3000)
     ap.add_argument("--teacher-steps", type=int, default=0, help="0: the teacher's default")
+    ap.add_argument("--encoder-steps", type=int, default=0, help="0: the CTC encoder's default")
     ap.add_argument("--eval-rows", type=int, default=160, help="held-out rows evaluated")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     ap.add_argument("overrides", nargs="*", help="--config.key=value for both training stages")
@@ -125,41 +136,57 @@ def main(argv=None) -> int:
     if args.quick:
         args.num_sentences = min(args.num_sentences, 120)
         args.teacher_steps = args.teacher_steps or 60
+        args.encoder_steps = args.encoder_steps or 20
         quick = ["total_steps=6", "log_every_steps=2", "checkpoint_every_steps=6"]
-    t = stage("1/8 corpus: espeak-ng speaks WordNet example sentences")
+    t = stage("1/9 corpus: espeak-ng speaks WordNet example sentences")
     build_corpus(root / "corpus", args.num_sentences)
     timings["corpus"] = time.perf_counter() - t
 
-    t = stage("2/8 teacher: tokenizer and a small text LM trained on the same sentences")
+    t = stage("2/9 teacher: tokenizer and a small text LM trained on the same sentences")
     summary = train_teacher(root / "corpus", root / "teacher", args.teacher_steps or None)
     timings["teacher"] = time.perf_counter() - t
     print(json.dumps({k: summary.get(k) for k in ("final_loss", "eval")}, indent=1))
 
-    t = stage("3/8 labels: the teacher continues every transcript (BLSP continuation writing)")
+    t = stage("3/9 speech encoder: a small Whisper encoder pretrained with CTC on the corpus")
+    enc = pretrain_encoder(root / "corpus", root / "encoder", args.encoder_steps or None)
+    timings["encoder"] = time.perf_counter() - t
+    print(json.dumps({"final_loss": enc["final_loss"], "eval": enc.get("eval")}, indent=1))
+
+    t = stage("4/9 labels: the teacher continues every transcript (BLSP continuation writing)")
     instruction = teacher.CONTINUE_INSTRUCTION + "\n\n"
     manifests = write_labels(root / "corpus", root / "teacher", root / "labels", instruction)
     timings["labels"] = time.perf_counter() - t
-    common = [f"data.instruction={instruction}", *quick, *overrides]
+    encoder = [f"model.encoder.hf_path={root / 'encoder'}", "model.encoder.pad_to_30s=false"]
+    common = [f"data.instruction={instruction}", *encoder, *quick, *overrides]
 
-    t = stage("4/8 untrained model (step 0) for comparison")
+    t = stage("5/9 untrained model (step 0) for comparison")
     untrained = run_config("stage1", manifests, root / "teacher", [*common, "total_steps=0"])
     train(untrained, root / "untrained")
-    t = stage("5/8 stage 1: align speech to text (CFormer and encoder; LLM frozen)")
-    stage1 = run_config("stage1", manifests, root / "teacher", common)
+    t = stage("6/9 stage 1: align speech to text (the CFormer; encoder and LLM frozen)")
+    stage1 = run_config(
+        "stage1", manifests, root / "teacher", ["train.trainable=('^adapter/',)", *common]
+    )
     train(stage1, root / "stage1")
     timings["stage1"] = time.perf_counter() - t
 
-    t = stage("6/8 stage 2: PLoRA at speech positions, from stage 1")
+    t = stage("7/9 stage 2: PLoRA at speech positions, from stage 1")
     stage2 = run_config(
-        "stage2", manifests, root / "teacher", [*common, f"train.init_from={root / 'stage1'}"]
+        "stage2",
+        manifests,
+        root / "teacher",
+        [
+            "train.trainable=('^adapter/', 'lora_')",
+            *common,
+            f"train.init_from={root / 'stage1'}",
+        ],
     )
     train(stage2, root / "stage2")
     timings["stage2"] = time.perf_counter() - t
 
-    t = stage("7/8 evaluation on held-out sentences")
+    t = stage("8/9 evaluation on held-out sentences")
     table = evaluate_all(root, manifests["eval"], instruction, args.eval_rows)
     timings["evaluation"] = time.perf_counter() - t
-    t = stage("8/8 export to Hugging Face and reload in PyTorch")
+    t = stage("9/9 export to Hugging Face and reload in PyTorch")
     agree = export_and_verify(root, manifests["eval"])
     timings["export"] = time.perf_counter() - t
     table += f"\nPyTorch export: greedy text equals JAX's on {agree}.\n"

@@ -1,14 +1,19 @@
 """The embedded default: CPU-sized BLSP-KD on the espeak-ng corpus (what `make demo` trains).
 
 No pretrained model is reachable offline, so the demo first trains a tokenizer and a small text
-LM on the corpus sentences (`blspkd_jax.demo`); that LM is the frozen teacher here. The Whisper
-encoder is a small random one, so unlike the paper's stage 1 it trains together with the
-CFormer (`train.trainable`). Variant `stage2` adds PLoRA and starts from stage 1.
+LM on the corpus sentences (`blspkd_jax.teacher`; the frozen teacher here) and pretrains a small
+Whisper encoder with CTC on the training speech (`blspkd_jax.asr_encoder`), then passes
+`model.encoder.hf_path` and, as in the paper, freezes that encoder
+(`train.trainable=("^adapter/",)`). Without `model.encoder.hf_path` the encoder below is random,
+so by default it trains together with the CFormer. Variant `stage2` adds PLoRA and starts from
+stage 1.
 
   python -m blspkd_jax.train --config configs/tiny.py --workdir runs/tiny \
-      --config.data.train_manifest=runs/demo/corpus/train.jsonl \
-      --config.data.eval_manifest=runs/demo/corpus/eval.jsonl \
-      --config.model.llm.hf_path=runs/demo/teacher
+      --config.data.train_manifest=runs/demo/labels/train.jsonl \
+      --config.data.eval_manifest=runs/demo/labels/eval.jsonl \
+      --config.model.llm.hf_path=runs/demo/teacher \
+      --config.model.encoder.hf_path=runs/demo/encoder --config.model.encoder.pad_to_30s=false \
+      '--config.train.trainable=("^adapter/",)'
 """
 
 from blspkd_jax.config import base_config
@@ -32,7 +37,7 @@ def get_config(arg: str = "stage1"):
     c.data.system_prompt = ""
     c.data.instruction = ""
 
-    enc = c.model.encoder
+    enc = c.model.encoder  # the sizes of blspkd_jax.asr_encoder's default
     enc.num_mel_bins = 40
     enc.d_model = 128
     enc.encoder_layers = 2

@@ -151,7 +151,10 @@ class PLoRA(nn.Module):
 class _PLoRASwitch:
     """The per-position PLoRA mask [B, L] shared by every hook; None = base LLM exactly."""
 
-    mask: torch.Tensor | None = None
+    def __init__(self):
+        # An instance attribute from the start: torch.compile guards on this object's __dict__,
+        # and a first assignment after tracing would force a recompile.
+        self.mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -319,12 +322,17 @@ class BLSPKDModel(BLSPKDPreTrainedModel):
         )
         return BLSPKDOutput(logits=out.logits, cache=out.cache, **speech)
 
-    def run_llm(self, lora_mask=None, **kwargs):
-        """The transformers LLM with PLoRA switched on where `lora_mask [B, L]` is True."""
+    def run_llm(self, lora_mask=None, hidden_only=False, **kwargs):
+        """The transformers LLM with PLoRA switched on where `lora_mask [B, L]` is True.
+
+        `hidden_only=True` runs the decoder without the output head and returns its output
+        (`last_hidden_state [B, L, H]`, after the final norm): training losses apply the head
+        themselves, only at the rows they use.
+        """
         if lora_mask is not None and self.llm_lora is not None:
             self._plora.mask = lora_mask.bool()
         try:
-            return self.llm(**kwargs)
+            return (self.llm.base_model if hidden_only else self.llm)(**kwargs)
         finally:
             self._plora.mask = None
 
