@@ -82,6 +82,7 @@ from blspkd_jax import build, export, hf, optim, sharding, train_state  # noqa: 
 from blspkd_jax import config as config_lib  # noqa: E402
 from blspkd_jax.data.layout import make_batch  # noqa: E402
 from blspkd_jax.model import BLSPKD, LOSS_NAMES, BLSPKDConfig, LossConfig  # noqa: E402
+from blspkd_jax.train import measure_matmul_peak  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Presets
@@ -589,19 +590,6 @@ def analytic_flops(model_cfg: BLSPKDConfig, batch, trainable: set[str]) -> float
     return float(total)
 
 
-def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
-    """This device's dense matmul FLOP/s in `dtype`, measured (best of `repeats`)."""
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 # ----------------------------------------------------------------------------------------------
 # Running a preset
 
@@ -761,7 +749,7 @@ def main(args) -> int:
         p = preset(name, args.quick)
         if p.peak_dtype not in peaks:
             n = (8192 if accelerator else 2048) if not args.quick else 1024
-            peaks[p.peak_dtype] = matmul_peak(p.peak_dtype, n)
+            peaks[p.peak_dtype] = measure_matmul_peak(n, dtype=p.peak_dtype)
         peak = peaks[p.peak_dtype]
         compile_torch = args.compile if args.compile is not None else not args.quick
         res = run_preset(p, repeats, warmup, compile_torch=compile_torch)

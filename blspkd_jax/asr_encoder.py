@@ -53,7 +53,7 @@ class AsrEncoderConfig:
     encoder_attention_heads: int = 4
     encoder_ffn_dim: int = 256
     max_source_positions: int = 400  # 8 s of speech
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 50

@@ -18,7 +18,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -435,6 +435,46 @@ def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def _respond(
+    run,
+    rows: list,
+    instruction: str | None,
+    lengths: Callable[[list], Sequence[int]],
+    batch_inputs: Callable[[list[int]], tuple[list, jax.Array | None]],
+    desc: str,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+) -> list[str]:
+    """The batch loop that `speech_responses` and `text_responses` share (their arguments, in
+    their order; `desc` names the progress bar): rows in batches of similar `lengths(rows)`, each
+    batch's prompts (filler rows complete the last), greedy decoding, each row's response decoded
+    up to its first stop id, returned in the rows' order.
+
+    `batch_inputs(idx)` gives the batch's transcript slots (per row of `idx`: token ids, or a count
+    of speech slots) and the speech vectors `[batch_size, N, H]` to splice there (None: text).
+    """
+    from tqdm import tqdm
+
+    instructions = _instructions(rows, instruction)
+    stops = stop_ids_for(run, instructions)
+    out: list[str | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress)
+    for idx in _by_length(lengths(rows), batch_size):
+        slots, vectors = batch_inputs(idx)
+        prompts = build_prompts(
+            run.layout, slots, [instructions[i] for i in idx], batch_size=batch_size
+        )
+        new = generate_from_prompts(
+            run, prompts, vectors, max_new_tokens=max_new_tokens, stop_ids=stops
+        )
+        for j, i in enumerate(idx):
+            out[i] = decode_response(run.tokenizer, new[j], stops)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
 def speech_responses(
     run,
     rows,
@@ -451,34 +491,18 @@ def speech_responses(
     transcript would be -> spliced embeddings, PLoRA on at those slots during the prefill ->
     greedy decoding until an end-of-turn token.
     """
-    from tqdm import tqdm
-
     rows = list(rows)
-    instructions = _instructions(rows, instruction)
-    stops = stop_ids_for(run, instructions)
-    lengths = audio_lengths(rows)
-    out: list[str | None] = [None] * len(rows)
-    bar = tqdm(total=len(rows), desc="speech", unit="row", disable=not progress)
-    for idx in _by_length(lengths, batch_size):
+
+    def speech(idx):
         feats, mask = load_features(run, [rows[i] for i in idx])
         fill = batch_size - len(idx)  # filler rows repeat row 0's audio; their prompt is empty
         feats = np.concatenate([feats, np.repeat(feats[:1], fill, 0)])
         mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
         vectors, counts = speech_vectors(run, feats, mask)
-        prompts = build_prompts(
-            run.layout,
-            [int(n) for n in counts[: len(idx)]],
-            [instructions[i] for i in idx],
-            batch_size=batch_size,
-        )
-        new = generate_from_prompts(
-            run, prompts, vectors, max_new_tokens=max_new_tokens, stop_ids=stops
-        )
-        for j, i in enumerate(idx):
-            out[i] = decode_response(run.tokenizer, new[j], stops)
-        bar.update(len(idx))
-    bar.close()
-    return out
+        return [int(n) for n in counts[: len(idx)]], vectors
+
+    args = (max_new_tokens, batch_size, progress)
+    return _respond(run, rows, instruction, audio_lengths, speech, "speech", *args)
 
 
 def text_responses(
@@ -493,29 +517,14 @@ def text_responses(
     """Greedy responses to each row's transcript (`Row.text`) in the same prompt: what the
     frozen LLM (PLoRA off) says when it reads the text. Speech and text responses that agree
     are the exact-match metric (SPEC section 9)."""
-    from tqdm import tqdm
-
     from blspkd_jax.data.layout import text_ids
 
     rows = list(rows)
-    instructions = _instructions(rows, instruction)
-    stops = stop_ids_for(run, instructions)
     spans = text_ids(run.tokenizer, [r.text for r in rows]) if rows else []
-    out: list[str | None] = [None] * len(rows)
-    bar = tqdm(total=len(rows), desc="text", unit="row", disable=not progress)
-    for idx in _by_length([len(s) for s in spans], batch_size):
-        prompts = build_prompts(
-            run.layout,
-            [spans[i] for i in idx],
-            [instructions[i] for i in idx],
-            batch_size=batch_size,
-        )
-        new = generate_from_prompts(run, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)
-        for j, i in enumerate(idx):
-            out[i] = decode_response(run.tokenizer, new[j], stops)
-        bar.update(len(idx))
-    bar.close()
-    return out
+    lengths = lambda _rows: [len(s) for s in spans]  # tokenized once, above
+    text = lambda idx: ([spans[i] for i in idx], None)
+    args = (max_new_tokens, batch_size, progress)
+    return _respond(run, rows, instruction, lengths, text, "text", *args)
 
 
 def read_rows(manifest: str | os.PathLike):

@@ -106,9 +106,10 @@ def data_config(config, process_count: int):
     )
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """This device's dense fp32 matmul FLOP/s, measured: the denominator of MFU on CPU."""
-    x = jnp.ones((n, n), jnp.float32)
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """This device's dense matmul FLOP/s in `dtype` (best of `repeats`), measured: the denominator
+    of MFU when no nominal peak is configured."""
+    x = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = math.inf

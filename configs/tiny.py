@@ -21,7 +21,7 @@ from blspkd_jax.config import base_config
 
 def get_config(arg: str = "stage1"):
     c = base_config()
-    c.total_steps = 600
+    c.total_steps = 900
     c.batch_size = 16
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200

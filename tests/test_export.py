@@ -25,6 +25,7 @@ import soundfile as sf
 import torch
 from flax import traverse_util
 from test_layout import tiny_chat_tokenizer
+from tiny import tiny_llm_config
 from transformers import AutoModel, AutoModelForCausalLM
 
 from blspkd_jax import build, checkpoint, export, hf, optim, train_state
@@ -37,7 +38,7 @@ from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.manifest import Row
 from blspkd_jax.encoder import WhisperEncoderConfig
 from blspkd_jax.features import log_mel, pad_features
-from blspkd_jax.llm import LLM, LLMConfig, lm_head_kernel, split_lora
+from blspkd_jax.llm import LLM, lm_head_kernel, split_lora
 from blspkd_jax.model import BLSPKD, BLSPKDConfig
 from blspkd_jax.workdir import Run, default_mesh, load_run
 
@@ -107,26 +108,13 @@ def assets(tmp_path_factory):
     )
 
 
-def _llm_config(tok, **kw) -> LLMConfig:
-    return LLMConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        eos_token_id=tok.eos_token_id,
-        **kw,
-    )
-
-
 @pytest.fixture(scope="module")
 def from_workdir(assets):
     """A run's workdir (config.json, a checkpoint of the trained parts, metrics.jsonl, the frozen
     LLM as an HF directory), exported with `python -m blspkd_jax.export` (sharded)."""
     root = assets.root / "run"
     llm_dir = root / "llm"
-    llm_cfg = _llm_config(assets.tok)
+    llm_cfg = tiny_llm_config(len(assets.tok), eos_token_id=assets.tok.eos_token_id)
     config = config_lib.load_config(str(REPO / "configs/tiny.py:stage2"))
     config_lib.apply_overrides(
         config,
@@ -192,8 +180,9 @@ def direct(assets):
         pad_to_30s=True,
         scan_layers=True,
     )
-    llm_cfg = _llm_config(
-        assets.tok,
+    llm_cfg = tiny_llm_config(
+        len(assets.tok),
+        eos_token_id=assets.tok.eos_token_id,
         model_type="qwen2",
         qkv_bias=True,
         tie_word_embeddings=True,

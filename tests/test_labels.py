@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 from test_layout import tiny_chat_tokenizer
+from tiny import tiny_llm_config
 from transformers import AutoTokenizer
 
 from blspkd_jax import generate as gen
@@ -58,16 +59,7 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llm")
     tok = tiny_chat_tokenizer(path)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    config = llm.LLMConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        eos_token_id=eos,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = tiny_llm_config(len(tok), eos_token_id=eos, pad_token_id=tok.pad_token_id)
     shapes = nn.unbox(
         jax.eval_shape(
             lambda: llm.LLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from test_layout import SENTENCES, tiny_chat_tokenizer
+from tiny import tiny_llm_config
 
 from blspkd_jax import config as config_lib
 from blspkd_jax import hf, optim
@@ -30,7 +31,7 @@ from blspkd_jax.generate import (
     stop_ids_for,
     text_responses,
 )
-from blspkd_jax.llm import LLM, LLMConfig
+from blspkd_jax.llm import LLM
 from blspkd_jax.model import BLSPKD
 from blspkd_jax.workdir import RunError, load_run
 
@@ -84,15 +85,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_run")
     tok = tiny_chat_tokenizer(root / "llm")
-    cfg = LLMConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llm_config(len(tok), num_layers=1, tie_word_embeddings=True)
     params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
     # O(1) logits with clear margins (not init's near-uniform ones), so that greedy responses
     # are words that depend on the prompt, not a tie broken by rounding.

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 from test_layout import tiny_chat_tokenizer
+from tiny import tiny_llm_config
 
 from blspkd_jax import hf
 from blspkd_jax.data.corpus import build_corpus
-from blspkd_jax.llm import LLM, LLMConfig
+from blspkd_jax.llm import LLM
 
 REPO = Path(__file__).parent.parent
 
@@ -48,15 +49,7 @@ def assets(tmp_path_factory):
         root / "corpus", num_sentences=16, variants=2, heldout_fraction=0.25, progress=False
     )
     tok = tiny_chat_tokenizer(root / "llm")
-    cfg = LLMConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llm_config(len(tok), tie_word_embeddings=True)
     params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
     hf.save_llm(root / "llm", cfg, jax.tree.map(np.asarray, nn.unbox(params)))
     return root

@@ -1,4 +1,4 @@
-"""Tiny BLSP-KD models and hand-built batches for the train-step tests (importable from
+"""Tiny BLSP-KD models, LLM configs and hand-built batches shared by the tests (importable from
 subprocesses: tests/ is put on sys.path by them)."""
 
 from __future__ import annotations
@@ -15,6 +15,21 @@ VOCAB = 97
 MAX_TOKENS = 16
 
 
+def tiny_llm_config(vocab_size: int, **overrides) -> LLMConfig:
+    """The tests' tiny Llama (width 32, 2 layers, 4 heads, 2 KV heads) for a vocabulary (a tiny
+    tokenizer's `len(tok)`); `overrides` set or replace any other LLMConfig field (eos, tying,
+    layers, LoRA, scan)."""
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    return LLMConfig(**{**fields, **overrides})
+
+
 def tiny_config(lora_rank: int = 4, scan_layers: bool = False) -> BLSPKDConfig:
     enc = WhisperEncoderConfig(
         num_mel_bins=N_MELS,
@@ -26,17 +41,7 @@ def tiny_config(lora_rank: int = 4, scan_layers: bool = False) -> BLSPKDConfig:
         pad_to_30s=False,
         scan_layers=scan_layers,
     )
-    llm = LLMConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        scan_layers=scan_layers,
-        lora_rank=lora_rank,
-        lora_dropout=0.0,
-    )
+    llm = tiny_llm_config(VOCAB, scan_layers=scan_layers, lora_rank=lora_rank, lora_dropout=0.0)
     adapter = CFormerConfig(
         d_model=32,
         num_heads=4,
