@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -70,6 +69,7 @@ if ARGS is not None and ARGS.threads:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # forward.cpu_model
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -77,6 +77,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from forward import cpu_model  # noqa: E402
 
 from blspkd_jax import build, export, hf, optim, sharding, train_state  # noqa: E402
 from blspkd_jax import config as config_lib  # noqa: E402
@@ -715,17 +716,6 @@ def report(res: dict, peak: float, peak_label: str, nominal: float | None = None
             diff = max(abs(losses[k][name] - ref) for k in others)
             lines.append(f"| {name} | " + " | ".join(f"{v:.6f}" for v in vals) + f" | {diff:.1e} |")
     return "\n".join(lines) + "\n"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(args) -> int:
