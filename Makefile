@@ -22,7 +22,7 @@ system-deps:
 	  else echo "espeak-ng or wordnet-base is missing: run 'sudo apt-get install espeak-ng wordnet-base'" >&2; exit 1; fi; }
 
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 demo: $(STAMP) system-deps
 	$(BIN)/python -m blspkd_jax.demo --workdir $(WORKDIR)

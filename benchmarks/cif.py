@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blspkd_jax import cif as cif_lib
-from blspkd_jax.cif import PARALLEL, cif
+from blspkd_jax.models import cif as cif_lib
+from blspkd_jax.models.cif import PARALLEL, cif
 
 
 def _time_all(fns, repeats):

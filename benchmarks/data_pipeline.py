@@ -102,10 +102,12 @@ def tiny_step(vocab: int, cfg: DataConfig):
     """(jitted step, state) of the tiny model for this data config's largest shapes."""
     import jax
 
-    from blspkd_jax import adapter, optim, sharding, train_state
-    from blspkd_jax.encoder import WhisperEncoderConfig
-    from blspkd_jax.llm import LLMConfig
-    from blspkd_jax.model import BLSPKD, BLSPKDConfig, LossConfig
+    from blspkd_jax.models import adapter, sharding
+    from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig
+    from blspkd_jax.models.encoder import WhisperEncoderConfig
+    from blspkd_jax.models.llm import LLMConfig
+    from blspkd_jax.training import optim, train_state
+    from blspkd_jax.training.objective import LossConfig
 
     width = 64
     model = BLSPKD(
@@ -149,11 +151,11 @@ def time_step(vocab: int, cfg: DataConfig, batches: list[dict]):
     """(s per step over `batches`, the jitted step and state) after compiling every shape."""
     import jax
 
-    from blspkd_jax import train_state
+    from blspkd_jax.training import train_state, weights
 
     model, mesh, tx, step_cfg = tiny_step(vocab, cfg)
-    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
-    state, _ = train_state.create_state(model, mesh, jax.random.key(0), example, step_cfg, tx)
+    params = weights.random_params(model, mesh, jax.random.key(0))
+    state, _ = train_state.create_state(params, mesh, step_cfg, tx)
     step = jax.jit(train_state.make_train_step(model, step_cfg, tx), donate_argnums=0)
     rng = jax.random.key(1)
     shapes = {}

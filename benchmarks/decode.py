@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import transformers
 
-from blspkd_jax import hf
-from blspkd_jax.generate import greedy
+from blspkd_jax.inference.generate import greedy
+from blspkd_jax.models import hf
 
 GOAL = 2.0  # ours / transformers tokens/s (issue 6)
 SIZES = {

@@ -45,7 +45,7 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig  # noqa: E402
 from transformers.models.whisper.modeling_whisper import WhisperEncoder  # noqa: E402
 
-from blspkd_jax import hf  # noqa: E402
+from blspkd_jax.models import hf  # noqa: E402
 
 ENCODER = dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048)
 ENCODER_QUICK = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)

@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from blspkd_jax.losses import (
+from blspkd_jax.training.losses import (
     default_tile_rows,
     kd_kl,
     kd_kl_and_cross_entropy,

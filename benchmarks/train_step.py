@@ -6,9 +6,10 @@ JAX runs the project's own step (`train_state.make_train_step`, AOT-compiled wit
 donated). PyTorch runs the exported `BLSPKDModel` in train mode: the teacher (LLM on the text ids)
 under no_grad, the student (encoder -> CFormer -> CIF cut to the transcript lengths -> spliced into
 the text embeddings -> LLM with PLoRA at the speech positions), the losses of
-`blspkd_jax.model.compute_losses` written out as formulas, backward, global-norm clipping and
-torch.optim.AdamW over the same trainable tensors with the same decay mask and learning rates.
-`tests/test_train_step_bench.py` holds the two steps equal (loss terms, gradients, updates).
+`training.objective.compute_losses` written out as formulas, backward, global-norm clipping and
+torch.optim.AdamW over the same trainable tensors with the same decay mask and learning rates
+(benchmarks/torch_step.py). `tests/test_train_step_bench.py` holds the two steps equal (loss
+terms, gradients, updates).
 
     .venv/bin/python benchmarks/train_step.py                  # presets tiny and 100m
     .venv/bin/python benchmarks/train_step.py --quick          # shrunken tiny and 100m, ~1 min
@@ -32,7 +33,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -71,19 +71,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # forward.cpu_model
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from forward import cpu_model  # noqa: E402
+from torch_step import (  # noqa: E402
+    TorchTrainStep,
+    export_torch,
+    torch_batch,
+    torch_param_paths,
+)
 
-from blspkd_jax import build, export, hf, optim, sharding, train_state  # noqa: E402
-from blspkd_jax import config as config_lib  # noqa: E402
 from blspkd_jax.data.layout import make_batch  # noqa: E402
-from blspkd_jax.model import BLSPKD, LOSS_NAMES, BLSPKDConfig, LossConfig  # noqa: E402
-from blspkd_jax.train import measure_matmul_peak  # noqa: E402
+from blspkd_jax.models import sharding  # noqa: E402
+from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, param_shapes  # noqa: E402
+from blspkd_jax.training import build, optim, train_state, weights  # noqa: E402
+from blspkd_jax.training import config as config_lib  # noqa: E402
+from blspkd_jax.training.objective import LOSS_NAMES, LossConfig  # noqa: E402
+from blspkd_jax.training.trainer import measure_matmul_peak  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Presets
@@ -262,26 +267,6 @@ def synthetic_batch(shape: BatchShape, vocab: int, n_mels: int, seed: int = 0) -
     )
 
 
-def param_shapes(model_cfg: BLSPKDConfig) -> dict[str, tuple[int, ...]]:
-    """Flat parameter path -> shape, from the model's structure alone (nothing computed)."""
-    frames = 8
-    batch = {
-        "features": jnp.zeros((1, model_cfg.encoder.num_mel_bins, frames)),
-        "feature_mask": jnp.ones((1, frames), bool),
-        "input_ids": jnp.zeros((1, 4), jnp.int32),
-        "attention_mask": jnp.ones((1, 4), bool),
-        "speech_mask": jnp.zeros((1, 4), bool).at[0, 1].set(True),
-        "response_mask": jnp.zeros((1, 4), bool),
-        "text_lengths": jnp.ones((1,), jnp.int32),
-        "example_mask": jnp.ones((1,), bool),
-    }
-    key = jax.random.key(0)
-    abstract = jax.eval_shape(
-        lambda: BLSPKD(model_cfg).init({"params": key, "dropout": key}, batch)
-    )
-    return {k: tuple(v.shape) for k, v in optim.flatten(nn.unbox(abstract["params"])).items()}
-
-
 def random_params(
     model_cfg: BLSPKDConfig, seed: int = 0, lora_b_scale: float = 0.0
 ) -> dict[str, np.ndarray]:
@@ -291,7 +276,8 @@ def random_params(
     times N(0, 1): 0 (as training starts) keeps the first step's losses free of LoRA dropout."""
     rs = np.random.RandomState(seed)
     flat = {}
-    for path, shape in param_shapes(model_cfg).items():
+    for path, leaf in optim.flatten(param_shapes(model_cfg)).items():
+        shape = leaf.shape
         x = rs.standard_normal(shape).astype(np.float32)
         name = path.rsplit("/", 1)[-1]
         if name == "scale":
@@ -311,199 +297,6 @@ def random_params(
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch: the exported model and its train step
-
-
-def export_torch(model_cfg: BLSPKDConfig, flat_params, out) -> torch.nn.Module:
-    """Write `flat_params` as an exported HF directory `out` (config.json, safetensors, the
-    modeling files) and load it back with `AutoModel.from_pretrained(trust_remote_code=True)`."""
-    from transformers import AutoModel
-
-    out = Path(out)
-    hf.write_config(out, export.hf_config(model_cfg))
-    hf.write_state_dict(out, export.params_to_hf(model_cfg, optim.unflatten(dict(flat_params))))
-    for name in export.MODELING_FILES:
-        shutil.copyfile(export.MODELING_DIR / name, out / name)
-    return AutoModel.from_pretrained(str(out), trust_remote_code=True, local_files_only=True)
-
-
-def torch_param_paths(model_cfg: BLSPKDConfig, shapes: dict[str, tuple]) -> dict[str, str]:
-    """PyTorch state-dict name -> our flat parameter path.
-
-    Each of our tensors is filled with its own index and exported: every exported tensor then
-    holds one value, the index of the tensor it came from (layout changes move values, never mix
-    them)."""
-    keys = sorted(shapes)
-    marked = {k: np.full(shapes[k], i, np.float32) for i, k in enumerate(keys)}
-    out = {}
-    for name, a in export.params_to_hf(model_cfg, optim.unflatten(marked)).items():
-        values = np.unique(a)
-        if values.size != 1:
-            raise AssertionError(f"exported tensor {name} mixes parameters {values[:4]}")
-        out[name] = keys[int(values[0])]
-    return out
-
-
-def from_torch(model_cfg: BLSPKDConfig, model, grads: bool = False) -> dict[str, np.ndarray]:
-    """Our flat parameters (or, with `grads`, gradients: zero where a tensor has none) read back
-    from the PyTorch model, through `export.params_from_hf`."""
-    named = dict(model.named_parameters())
-    sd = {}
-    for name, t in model.state_dict().items():
-        if grads:
-            g = named[name].grad if name in named else None
-            t = torch.zeros_like(t) if g is None else g
-        sd[name] = t.detach().float().numpy()
-    return {
-        k: np.asarray(v) for k, v in optim.flatten(export.params_from_hf(model_cfg, sd)).items()
-    }
-
-
-def torch_batch(batch, device="cpu") -> dict[str, torch.Tensor]:
-    """numpy batch -> torch tensors (ids as int64, masks as bool)."""
-    out = {}
-    for k, v in batch.items():
-        t = torch.from_numpy(np.array(v))
-        out[k] = (t.long() if k in ("input_ids", "text_lengths") else t).to(device)
-    return out
-
-
-def torch_losses(model, b: dict, loss_cfg: LossConfig):
-    """(total, {term: value}): `blspkd_jax.model.compute_losses` written out in PyTorch.
-
-    Rows (as `model.loss_rows`): input_kl at the transcript positions, response_kl and
-    response_ce at every position whose next token is a response or end-of-turn token, both only
-    for real examples. KL(teacher || student) of softmax(logits / T), summed over the vocabulary,
-    averaged over rows; the teacher under no_grad. Logits are made once, at the rows some loss
-    uses. cif: |sum(alpha) - n| / n averaged over the real examples.
-    """
-    ids, am, sm = b["input_ids"], b["attention_mask"], b["speech_mask"]
-    positions = (am.long().cumsum(-1) - 1).clamp_min(0)
-    llm_kw = dict(attention_mask=am, position_ids=positions, use_cache=False)
-    with torch.no_grad():
-        teacher = model.run_llm(hidden_only=True, input_ids=ids, **llm_kw).last_hidden_state
-    tokens, _, alphas = model.encode_speech(b["features"], b["feature_mask"], b["text_lengths"])
-    text = model.llm.get_input_embeddings()(ids)
-    rank = (sm.long().cumsum(-1) - 1).clamp(0, tokens.shape[1] - 1)
-    speech = torch.take_along_dim(tokens, rank[..., None], dim=1).to(text.dtype)
-    embeds = torch.where(sm[..., None], speech, text)
-    student = model.run_llm(
-        hidden_only=True, inputs_embeds=embeds, lora_mask=sm, **llm_kw
-    ).last_hidden_state
-
-    example = b["example_mask"][:, None]
-    rows_input = (sm & example).flatten()
-    rows_response = (F.pad(b["response_mask"][:, 1:], (0, 1)) & example & am).flatten()
-    used = (rows_input | rows_response).nonzero().squeeze(-1)
-    head = model.llm.get_output_embeddings().weight  # [V, H]
-    H = student.shape[-1]
-    s_logits = student.reshape(-1, H)[used].float() @ head.float().T
-
-    def mean(values, rows):
-        w = rows[used].to(values.dtype)
-        return (values * w).sum() / w.sum().clamp_min(1.0)
-
-    terms = {}
-    if loss_cfg.input_kl or loss_cfg.response_kl:
-        temp = loss_cfg.temperature
-        with torch.no_grad():
-            t_logits = teacher.reshape(-1, H)[used].float() @ head.float().T
-            log_p = F.log_softmax(t_logits / temp, dim=-1)
-        log_q = F.log_softmax(s_logits / temp, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        if loss_cfg.input_kl:
-            terms["input_kl"] = mean(kl, rows_input)
-        if loss_cfg.response_kl:
-            terms["response_kl"] = mean(kl, rows_response)
-    if loss_cfg.response_ce:
-        labels = F.pad(ids[:, 1:], (0, 1)).flatten()[used]
-        ce = F.cross_entropy(s_logits, labels, reduction="none")
-        terms["response_ce"] = mean(ce, rows_response)
-    if loss_cfg.cif:
-        n = b["text_lengths"].float()
-        err = (alphas.sum(-1) - n).abs() / n.clamp_min(1.0)
-        ex = b["example_mask"].float()
-        terms["cif"] = (err * ex).sum() / ex.sum().clamp_min(1.0)
-    total = sum(loss_cfg.weight(k) * v for k, v in terms.items())
-    return total, terms
-
-
-class TorchTrainStep:
-    """One BLSP-KD train step of the exported PyTorch model, as `train_state.make_train_step`:
-    losses, backward, global-norm clipping, AdamW with the decay mask of `optim.decays` and the
-    learning rate of `optim.learning_rate_schedule` at each step; a non-finite loss or gradient
-    norm skips the update. Only the tensors whose paths `trainable` selects get gradients.
-
-    `compile=True` runs the losses (both forward passes) under `torch.compile`; the backward is
-    then AOTAutograd's compiled graph. Calling returns the step's metrics (detached tensors).
-    """
-
-    def __init__(
-        self,
-        model,
-        paths: dict[str, str],
-        trainable: set[str],
-        loss_cfg: LossConfig,
-        *,
-        learning_rate,
-        warmup_steps,
-        total_steps,
-        decay="cosine",
-        end_factor=0.0,
-        weight_decay=0.05,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        grad_clip_norm=1.0,
-        compile=False,
-    ):
-        self.model = model.train()
-        self.loss_cfg = loss_cfg
-        schedule = optim.learning_rate_schedule(
-            learning_rate, warmup_steps, total_steps, decay, end_factor
-        )
-        self.learning_rates = [float(x) for x in schedule(np.arange(total_steps + 1))]
-        self.clip = grad_clip_norm or math.inf
-        decay_group, plain_group = [], []
-        for name, p in model.named_parameters():
-            if name not in paths:
-                raise AssertionError(f"PyTorch parameter {name} has no counterpart in our params")
-            path = paths[name]
-            p.requires_grad_(path in trainable)
-            if p.requires_grad:
-                (decay_group if optim.decays(path, p) else plain_group).append(p)
-        self.params = decay_group + plain_group
-        if {paths[n] for n, p in model.named_parameters() if p.requires_grad} != set(trainable):
-            raise AssertionError("the trainable sets of the two models differ")
-        self.opt = torch.optim.AdamW(
-            [
-                {"params": decay_group, "weight_decay": weight_decay},
-                {"params": plain_group, "weight_decay": 0.0},
-            ],
-            lr=self.learning_rates[0],
-            betas=(b1, b2),
-            eps=eps,
-        )
-        self.loss_fn = torch.compile(torch_losses) if compile else torch_losses
-        self.step = 0
-
-    def __call__(self, b):
-        self.opt.zero_grad(set_to_none=True)
-        total, terms = self.loss_fn(self.model, b, self.loss_cfg)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        finite = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
-        if finite:
-            lr = self.learning_rates[min(self.step, len(self.learning_rates) - 1)]
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            self.opt.step()
-        self.step += 1
-        metrics = {k: v.detach() for k, v in terms.items()}
-        return {"loss": total.detach(), **metrics, "grad_norm": grad_norm, "skipped": not finite}
-
-
-# ----------------------------------------------------------------------------------------------
 # JAX: the project's train step
 
 
@@ -515,9 +308,8 @@ def jax_step(p: Preset, flat_params, batch, mesh=None):
     step_cfg = train_state.StepConfig(trainable=p.trainable, loss=p.loss)
     tx, _ = optim.make_optimizer(**p.optim)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    state, shardings = train_state.create_state(
-        model, mesh, jax.random.key(0), abstract, step_cfg, tx, pretrained=flat_params
-    )
+    params = weights.place_params(model, mesh, flat_params)
+    state, shardings = train_state.create_state(params, mesh, step_cfg, tx)
     fn = train_state.make_train_step(model, step_cfg, tx)
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     t0 = time.perf_counter()
@@ -525,7 +317,7 @@ def jax_step(p: Preset, flat_params, batch, mesh=None):
         fn, shardings, mesh, abstract_state, abstract, log=lambda *a: None
     )
     compile_s = time.perf_counter() - t0
-    return compiled, state, train_state.global_batch(mesh, batch), stats, compile_s
+    return compiled, state, sharding.global_batch(mesh, batch), stats, compile_s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,7 +395,7 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
 def run_preset(p: Preset, repeats: int, warmup: int, compile_torch: bool = True, log=print):
     """Time every framework on preset `p`; returns a dict of results for `report`."""
     batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
-    shapes = param_shapes(p.model)
+    shapes = {k: v.shape for k, v in optim.flatten(param_shapes(p.model)).items()}
     flat = random_params(p.model, seed=0)
     trainable, _ = optim.split_trainable(flat, p.trainable)
     n_params = sum(math.prod(s) for s in shapes.values())

@@ -1,125 +1,24 @@
-"""Whisper log-mel features in vectorised numpy (for data-loading workers), numerically equal to
-transformers' WhisperFeatureExtractor, plus padding of a batch for the variable-length encoder."""
+"""Stable name of the Whisper log-mel features: `blspkd_jax.features.log_mel(audio_16k, n_mels=80)`
+equals transformers' WhisperFeatureExtractor. The code is `blspkd_jax.data.features`."""
 
-from __future__ import annotations
+from blspkd_jax.data.features import (
+    HOP,
+    N_SAMPLES_30S,
+    SAMPLE_RATE,
+    log_mel,
+    mel_filters,
+    num_frames,
+    pad_features,
+    silence_value,
+)
 
-import functools
-
-import numpy as np
-
-SAMPLE_RATE = 16000
-N_FFT = 400  # 25 ms window
-HOP = 160  # 10 ms hop: 100 mel frames per second
-N_SAMPLES_30S = 30 * SAMPLE_RATE  # Whisper's fixed window, 3000 frames
-
-
-def _hz_to_mel(f):
-    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
-    f = np.asarray(f, np.float64)
-    lin = 3.0 * f / 200.0
-    log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * (27.0 / np.log(6.4))
-    return np.where(f >= 1000.0, log, lin)
-
-
-def _mel_to_hz(m):
-    m = np.asarray(m, np.float64)
-    lin = 200.0 * m / 3.0
-    log = 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0))
-    return np.where(m >= 15.0, log, lin)
-
-
-@functools.lru_cache(maxsize=8)
-def mel_filters(n_mels: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Whisper's mel filter bank `[n_fft // 2 + 1, n_mels]`: Slaney-scale triangles from 0 Hz to
-    sample_rate / 2, each divided by its bandwidth (area normalisation), as librosa's
-    `filters.mel(norm="slaney")`. Read-only, cached."""
-    fft_hz = np.linspace(0.0, sample_rate // 2, n_fft // 2 + 1)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2))
-    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
-    rise = (fft_hz[:, None] - lo) / (mid - lo)
-    fall = (hi - fft_hz[:, None]) / (hi - mid)
-    w = np.maximum(0.0, np.minimum(rise, fall)) * (2.0 / (hi - lo))
-    w = w.astype(np.float32)
-    w.flags.writeable = False
-    return w
-
-
-@functools.lru_cache(maxsize=2)
-def _hann(n: int) -> np.ndarray:
-    # Periodic Hann (torch.hann_window's default), as Whisper's STFT uses.
-    w = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float32)
-    w.flags.writeable = False
-    return w
-
-
-def num_frames(num_samples: int) -> int:
-    """Mel frames `log_mel` returns for `num_samples` samples (Whisper drops the STFT's last)."""
-    return num_samples // HOP
-
-
-def log_mel(audio, n_mels: int = 80, *, pad_to_samples: int | None = None) -> np.ndarray:
-    """Whisper log-mel spectrogram `[n_mels, num_samples // 160]` of 16 kHz mono float audio.
-
-    Equal to transformers' `WhisperFeatureExtractor(feature_size=n_mels)` on the same samples
-    without its 30 s padding. With `pad_to_samples=N` the audio is first zero-padded (or cut) to N
-    samples, which reproduces the extractor's default output exactly for N = `N_SAMPLES_30S`.
-    Steps: centred STFT (reflect padding, periodic Hann 400, hop 160) -> power -> mel ->
-    log10 (floor 1e-10) -> clamp to (max - 8) over the whole utterance -> (x + 4) / 4.
-    """
-    x = np.asarray(audio, dtype=np.float32)
-    if x.ndim != 1:
-        raise ValueError(f"audio must be 1-D mono samples, got shape {x.shape}")
-    if pad_to_samples is not None:
-        x = x[:pad_to_samples]
-        x = np.pad(x, (0, pad_to_samples - x.size))
-    if x.size <= N_FFT // 2:
-        raise ValueError(
-            f"audio has {x.size} samples; log_mel needs more than {N_FFT // 2} "
-            f"({N_FFT // 2 / SAMPLE_RATE * 1e3:.1f} ms at {SAMPLE_RATE} Hz)"
-        )
-    n = num_frames(x.size)
-    padded = np.pad(x, N_FFT // 2, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP][:n]  # [F, N_FFT]
-    spec = np.fft.rfft(frames * _hann(N_FFT), axis=-1)  # [F, N_FFT/2 + 1]
-    power = spec.real**2 + spec.imag**2
-    mel = power.astype(np.float32) @ mel_filters(n_mels)  # [F, n_mels]
-    log = np.log10(np.maximum(mel, 1e-10))
-    log = np.maximum(log, log.max() - 8.0)
-    return np.ascontiguousarray(((log + 4.0) / 4.0).T, dtype=np.float32)
-
-
-def silence_value(features: np.ndarray) -> float:
-    """What WhisperFeatureExtractor writes for frames of pure (zero) padding after this utterance.
-
-    Zero power hits the 1e-10 floor, below the clamp, so it becomes `(max_log - 8 + 4) / 4`, i.e.
-    the utterance's feature maximum minus 2.
-    """
-    return float(np.max(features)) - 2.0
-
-
-def pad_features(features, frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad a list of `[n_mels, F_i]` log-mels into `([B, n_mels, frames], mask [B, frames])`.
-
-    `frames` defaults to the longest; a longer utterance is an error (choose a bigger bucket).
-    Padding frames hold each utterance's `silence_value`, the value WhisperFeatureExtractor gives
-    frames of zero padding, so the batch is as close as possible to what Whisper saw in training.
-    The variable-length encoder (`pad_to_30s=False`) ignores them anyway: with `feature_mask=mask`
-    it zeroes them before its convolutions and masks them in attention.
-    """
-    if not len(features):
-        raise ValueError("pad_features: empty list of features")
-    n_mels = features[0].shape[0]
-    longest = max(f.shape[1] for f in features)
-    frames = longest if frames is None else frames
-    if longest > frames:
-        raise ValueError(f"pad_features: an utterance has {longest} frames, more than {frames}")
-    out = np.empty((len(features), n_mels, frames), np.float32)
-    mask = np.zeros((len(features), frames), bool)
-    for i, f in enumerate(features):
-        if f.shape[0] != n_mels:
-            raise ValueError(f"pad_features: item {i} has {f.shape[0]} mel bins, item 0 {n_mels}")
-        k = f.shape[1]
-        out[i, :, :k] = f
-        out[i, :, k:] = silence_value(f)
-        mask[i, :k] = True
-    return out, mask
+__all__ = [
+    "HOP",
+    "N_SAMPLES_30S",
+    "SAMPLE_RATE",
+    "log_mel",
+    "mel_filters",
+    "num_frames",
+    "pad_features",
+    "silence_value",
+]

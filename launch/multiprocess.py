@@ -4,9 +4,9 @@
       --config configs/tiny.py --workdir runs/mp [--config.key=value ...]
 
 Each process gets BLSPKD_COORDINATOR / BLSPKD_NUM_PROCESSES / BLSPKD_PROCESS_ID (read by
-`blspkd_jax.distributed.initialize`) and, on CPU, its own virtual devices. Output of process p
-goes to WORKDIR/process{p}.log; the launcher exits non-zero if any process fails, and stops the
-others when one dies.
+`blspkd_jax.training.distributed.initialize`) and, on CPU, its own virtual devices. Output of
+process p goes to WORKDIR/process{p}.log; the launcher exits non-zero if any process fails, and
+stops the others when one dies.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Runs a few train steps of the tiny model on given meshes and saves losses and parameters.
 
 Run as a subprocess (XLA_FLAGS must be set before JAX starts):
-  python tests/_train_parity.py --out R.npz --devices 8 --meshes 1,1,1 8,1,1 2,2,2
-  python tests/_train_parity.py --out R.npz --devices 2 --meshes 2,2,1 \
-      --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I
-With several processes each feeds its own slice of every global batch.
+  python tests/_train_parity.py --out R.npz --devices 8 --meshes 1,1,1 1,8,1 2,2,2
+(Several processes are tested through the training command: tests/test_train.py.)
 """
 
 from __future__ import annotations
@@ -21,9 +19,6 @@ def main():
     ap.add_argument("--meshes", nargs="+", default=["1,1,1"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--accum", type=int, default=1)
-    ap.add_argument("--coordinator", default="")
-    ap.add_argument("--num-processes", type=int, default=1)
-    ap.add_argument("--process-id", type=int, default=0)
     args = ap.parse_args()
 
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -32,17 +27,13 @@ def main():
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from blspkd_jax import distributed
-
-    if args.coordinator:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
     import numpy as np
-    from jax.experimental import multihost_utils
     from tiny import random_batch, tiny_config
 
-    from blspkd_jax import optim, sharding, train_state
-    from blspkd_jax.model import BLSPKD, LossConfig
+    from blspkd_jax.models import sharding
+    from blspkd_jax.models.blspkd import BLSPKD
+    from blspkd_jax.training import optim, train_state, weights
+    from blspkd_jax.training.objective import LossConfig
 
     model = BLSPKD(tiny_config())
     step_cfg = train_state.StepConfig(
@@ -58,9 +49,8 @@ def main():
         n = int(np.prod(sizes))
         mesh = sharding.make_mesh(*sizes, devices=jax.devices()[:n])
         tx, _ = optim.make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=args.steps)
-        state, shardings = train_state.create_state(
-            model, mesh, jax.random.key(0), abstract_batch, step_cfg, tx
-        )
+        params = weights.random_params(model, mesh, jax.random.key(0))
+        state, shardings = train_state.create_state(params, mesh, step_cfg, tx)
         step = train_state.make_train_step(model, step_cfg, tx)
         abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         compiled, _ = train_state.compile_train_step(
@@ -68,23 +58,20 @@ def main():
         )
         losses = []
         for batch in batches:
-            rows = len(batch["input_ids"]) // jax.process_count()
-            local = {k: v[jax.process_index() * rows :][:rows] for k, v in batch.items()}
-            global_batch = train_state.global_batch(mesh, local)
-            state, metrics = compiled(state, global_batch, jax.random.PRNGKey(1))
+            state, metrics = compiled(
+                state, sharding.global_batch(mesh, batch), jax.random.PRNGKey(1)
+            )
             losses.append({k: float(v) for k, v in metrics.items()})
-        params = multihost_utils.process_allgather(state.trainable, tiled=True)
-        results[spec] = (losses, {k: np.asarray(v) for k, v in params.items()})
+        results[spec] = (losses, {k: np.asarray(v) for k, v in state.trainable.items()})
 
-    if jax.process_index() == 0:
-        flat = {}
-        for spec, (losses, params) in results.items():
-            for i, m in enumerate(losses):
-                for k, v in m.items():
-                    flat[f"{spec}|loss|{i}|{k}"] = np.float64(v)
-            for k, v in params.items():
-                flat[f"{spec}|param|{k}"] = v
-        np.savez(args.out, **flat)
+    flat = {}
+    for spec, (losses, params) in results.items():
+        for i, m in enumerate(losses):
+            for k, v in m.items():
+                flat[f"{spec}|loss|{i}|{k}"] = np.float64(v)
+        for k, v in params.items():
+            flat[f"{spec}|param|{k}"] = v
+    np.savez(args.out, **flat)
 
 
 if __name__ == "__main__":

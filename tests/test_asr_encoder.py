@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blspkd_jax import asr_encoder, hf
+from blspkd_jax.demo import asr_encoder
+from blspkd_jax.models import hf
 
 
 def _collapse(path):
@@ -59,7 +60,7 @@ def test_character_labels_round_trip():
 def corpus(tmp_path_factory):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed (make test installs it)")
-    from blspkd_jax.data.corpus import build_corpus
+    from blspkd_jax.demo.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     build_corpus(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blspkd_jax.cif import (
+from blspkd_jax.models.cif import (
     METHODS,
     MIN_TOTAL,
     PARALLEL,
@@ -197,7 +197,7 @@ def test_long_sequence_precision(method):
 def _chunk_cases():
     """T = 150 frames = 3 chunks of the segment method: a token lasting several chunks (silence),
     and a frame so heavy that its chunk spans more tokens than a window holds (dense fallback)."""
-    from blspkd_jax.cif import CHUNK_FRAMES, CHUNK_TOKENS
+    from blspkd_jax.models.cif import CHUNK_FRAMES, CHUNK_TOKENS
 
     T = 3 * CHUNK_FRAMES
     rng = np.random.default_rng(12)
@@ -365,3 +365,8 @@ def test_quantity_loss_formula():
     expected = np.mean(np.abs(sums - n) / np.maximum(n, 1))
     got = quantity_loss(alphas, mask, jnp.asarray(n))
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    # Batch filler rows (example_mask False) count for nothing, whatever their alphas.
+    real = np.array([True, False, True])
+    got = quantity_loss(alphas, mask, jnp.asarray(n), jnp.asarray(real))
+    errors = np.abs(sums - n) / np.maximum(n, 1)
+    np.testing.assert_allclose(float(got), errors[real].mean(), rtol=1e-6)

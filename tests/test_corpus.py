@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from blspkd_jax.data import corpus, sentences
+from blspkd_jax.demo import corpus, sentences
 
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng not installed (make test installs it)"

@@ -11,8 +11,8 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperModel
 from transformers.models.whisper import modeling_whisper
 
-from blspkd_jax import encoder, hf
-from blspkd_jax.layers import Stack, unstack_layers
+from blspkd_jax.models import encoder, hf
+from blspkd_jax.models.layers import Stack, unstack_layers
 
 HFEncoder = modeling_whisper.WhisperEncoder
 POSITIONS = 32  # tiny max_source_positions: 64 mel frames in 30 s mode

@@ -13,15 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_speech_generate import MAX_NEW, alpha_sums, tiny_run
+from test_speech_generate import MAX_NEW, alpha_sums
 from tiny import random_batch, tiny_config
 
-from blspkd_jax import evaluate, optim, sharding
 from blspkd_jax.data.layout import text_ids
-from blspkd_jax.evaluate import bleu, consistency, evaluate_run, exact_match, wer
-from blspkd_jax.generate import load_features, read_rows, speech_responses, speech_vectors
-from blspkd_jax.llm import lm_head_kernel
-from blspkd_jax.model import BLSPKD, LossConfig
+from blspkd_jax.data.manifest import read_rows
+from blspkd_jax.inference.evaluate import evaluate_run
+from blspkd_jax.inference.metrics import bleu, exact_match, wer
+from blspkd_jax.inference.respond import load_features, speech_responses, speech_vectors
+from blspkd_jax.models import sharding
+from blspkd_jax.models.blspkd import BLSPKD
+from blspkd_jax.models.llm import lm_head_kernel
+from blspkd_jax.training import optim
+from blspkd_jax.training.objective import CONSISTENCY_KEYS, LossConfig, consistency
 
 
 def test_wer_exact_match_hand_computed():
@@ -124,7 +128,7 @@ def _sums_reference(model, fwd, params, batches, temperature):
     """Consistency by plain loops over full logits: KL(teacher || student) of the tempered
     softmaxes at each selected position, argmax agreement, and |max(1, round(sum a)) - n| / n."""
     head = np.asarray(lm_head_kernel(model.config.llm, params["llm"]), np.float64)
-    acc = {k: [0.0, 0.0] for k in evaluate.CONSISTENCY_KEYS}
+    acc = {k: [0.0, 0.0] for k in CONSISTENCY_KEYS}
     for b in batches:
         s, t, aux = jax.tree.map(np.asarray, fwd(params, b))
         for i in range(s.shape[0]):
@@ -164,7 +168,7 @@ def test_consistency_matches_plain_loops(tiny_model):
     loss_cfg = LossConfig(temperature=2.0)
     got = consistency(model, params, _Batches(batches), sharding.make_mesh(1, -1, 1), loss_cfg)
     expect = _sums_reference(model, fwd, params, batches, 2.0)
-    assert set(got) == set(evaluate.CONSISTENCY_KEYS)
+    assert set(got) == set(CONSISTENCY_KEYS)
     for k in got:
         assert got[k] == pytest.approx(expect[k], rel=1e-4, abs=1e-6), k
     assert 0 < got["top1_input"] < 1 and got["input_kl"] > 1e-4  # a case that can fail
@@ -194,10 +198,10 @@ def test_consistency_known_answer_when_student_is_the_teacher(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from blspkd_jax.workdir import load_run
+def run(tiny_run):
+    from blspkd_jax.inference.workdir import load_run
 
-    return load_run(tiny_run(tmp_path_factory)[0])
+    return load_run(tiny_run[0])
 
 
 def test_evaluate_run_end_to_end(run, tmp_path):
@@ -217,7 +221,7 @@ def test_evaluate_run_end_to_end(run, tmp_path):
     )
     assert json.loads((out / "metrics.json").read_text()) == m
     assert m["rows"] == 5 and m["skipped"] == 0 and m["step"] == 2 and m["task"] == "asr"
-    for k in (*evaluate.CONSISTENCY_KEYS, "exact_match", "wer", "wer_text", "bleu", "bleu_text"):
+    for k in (*CONSISTENCY_KEYS, "exact_match", "wer", "wer_text", "bleu", "bleu_text"):
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
         assert f"| {k} |" in (out / "metrics.md").read_text()
 

@@ -24,23 +24,24 @@ import pytest
 import soundfile as sf
 import torch
 from flax import traverse_util
-from test_layout import tiny_chat_tokenizer
-from tiny import tiny_llm_config
+from tiny import tiny_chat_tokenizer, tiny_llm_config
 from transformers import AutoModel, AutoModelForCausalLM
 
-from blspkd_jax import build, checkpoint, export, hf, optim, train_state
-from blspkd_jax import config as config_lib
-from blspkd_jax import generate as gen
-from blspkd_jax.adapter import CFormerConfig
-from blspkd_jax.config import base_config
+from blspkd_jax import export as export_cli
 from blspkd_jax.data import audio as audio_lib
+from blspkd_jax.data.features import log_mel, pad_features
 from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.manifest import Row
-from blspkd_jax.encoder import WhisperEncoderConfig
-from blspkd_jax.features import log_mel, pad_features
-from blspkd_jax.llm import LLM, lm_head_kernel, split_lora
-from blspkd_jax.model import BLSPKD, BLSPKDConfig
-from blspkd_jax.workdir import Run, default_mesh, load_run
+from blspkd_jax.inference import export, respond
+from blspkd_jax.inference.workdir import Run, default_mesh, load_run
+from blspkd_jax.models import blspkd_hf, hf
+from blspkd_jax.models.adapter import CFormerConfig
+from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, param_shapes
+from blspkd_jax.models.encoder import WhisperEncoderConfig
+from blspkd_jax.models.llm import LLM, lm_head_kernel, split_lora
+from blspkd_jax.training import build, checkpoint, optim, train_state, weights
+from blspkd_jax.training import config as config_lib
+from blspkd_jax.training.config import base_config
 
 REPO = Path(__file__).parent.parent
 MAX_NEW = 32  # as `export --verify-manifest` generates, so compiled programs are shared
@@ -51,22 +52,9 @@ def random_params(model_cfg: BLSPKDConfig, seed: int) -> dict:
     """Parameters of the model's shapes drawn with numpy (no compiled init): kernels ~ 1/sqrt(in),
     embeddings ~ 1 so that logits spread and greedy text varies, norms near 1, biases and both
     PLoRA factors nonzero."""
-    frames = 2 * model_cfg.encoder.max_source_positions
-    batch = {
-        "features": jnp.zeros((1, model_cfg.encoder.num_mel_bins, frames)),
-        "feature_mask": jnp.ones((1, frames), bool),
-        "input_ids": jnp.zeros((1, 4), jnp.int32),
-        "attention_mask": jnp.ones((1, 4), bool),
-        "speech_mask": jnp.zeros((1, 4), bool).at[0, 1].set(True),
-        "response_mask": jnp.zeros((1, 4), bool),
-        "text_lengths": jnp.ones((1,), jnp.int32),
-        "example_mask": jnp.ones((1,), bool),
-    }
-    key = jax.random.key(0)
-    shapes = jax.eval_shape(lambda: BLSPKD(model_cfg).init({"params": key, "dropout": key}, batch))
     rs = np.random.RandomState(seed)
     flat = {}
-    for path, s in traverse_util.flatten_dict(nn.unbox(shapes["params"])).items():
+    for path, s in traverse_util.flatten_dict(param_shapes(model_cfg)).items():
         x = rs.randn(*s.shape).astype(np.float32)
         name = path[-1]
         if name == "scale":
@@ -160,7 +148,7 @@ def from_workdir(assets):
     argv += ["--verify-manifest", str(assets.root / "manifest.jsonl")]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = export.main(argv)
+        code = export_cli.main(argv)
     return types.SimpleNamespace(
         out=out, run=load_run(workdir), expected=flat, code=code, printed=printed.getvalue()
     )
@@ -245,7 +233,7 @@ def test_export_directory_and_exact_round_trip(from_workdir, direct):
     assert "PyTorch greedy text equals JAX's on 3/3 utterances" in from_workdir.printed
     out = from_workdir.out
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "blspkd" and cfg["auto_map"] == export.AUTO_MAP
+    assert cfg["model_type"] == "blspkd" and cfg["auto_map"] == blspkd_hf.AUTO_MAP
     for name in (
         "configuration_blspkd.py",
         "modeling_blspkd.py",
@@ -272,16 +260,16 @@ def test_export_directory_and_exact_round_trip(from_workdir, direct):
     for ex in (from_workdir, direct):
         run_cfg = ex.run.model.config
         runtime = {"scan_layers": run_cfg.llm.scan_layers}
-        model_cfg, params = export.load_exported(ex.out, **runtime)
+        model_cfg, params = blspkd_hf.load_exported(ex.out, **runtime)
         assert model_cfg == run_cfg
         assert _equal_trees(params, ex.run.params)
         assert _equal_trees(params, optim.unflatten(ex.expected))
         # And once more through HF: the state dicts written from the reloaded params are equal.
-        a = export.params_to_hf(model_cfg, params)
+        a = blspkd_hf.params_to_hf(model_cfg, params)
         b = hf.read_state_dict(ex.out)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(export.ExportError, match="model_type is 'llama', expected 'blspkd'"):
-        export.load_exported(out / "llm")
+    with pytest.raises(blspkd_hf.ExportError, match="model_type is 'llama', expected 'blspkd'"):
+        blspkd_hf.load_exported(out / "llm")
 
 
 def _batch(run, rows, *, response_tokens=(3, 5)):
@@ -357,7 +345,7 @@ def test_generate_from_audio_equals_generate_speech(exported, assets, instructio
     greedy token ids; the inference-mode speech vectors agree (same CIF length, within 1e-4).
     `instruction=None` is the run's default instruction on both sides."""
     run, model, rows = exported.run, exported.torch, assets.rows
-    want = gen.speech_responses(
+    want = respond.speech_responses(
         run,
         rows,
         instruction=instruction,
@@ -373,12 +361,14 @@ def test_generate_from_audio_equals_generate_speech(exported, assets, instructio
     ]
     assert got == want
 
-    feats, mask = gen.load_features(run, rows)
-    vectors, counts = gen.speech_vectors(run, feats, mask)
+    feats, mask = respond.load_features(run, rows)
+    vectors, counts = respond.speech_vectors(run, feats, mask)
     instructions = [instruction] * len(rows)
-    prompts = gen.build_prompts(run.layout, [int(n) for n in counts], instructions)
-    stops = gen.stop_ids_for(run, instructions)
-    new = gen.generate_from_prompts(run, prompts, vectors, max_new_tokens=MAX_NEW, stop_ids=stops)
+    prompts = respond.build_prompts(run.layout, [int(n) for n in counts], instructions)
+    stops = respond.stop_ids_for(run, instructions)
+    new = respond.generate_from_prompts(
+        run, prompts, vectors, max_new_tokens=MAX_NEW, stop_ids=stops
+    )
     want_ids = [[int(t) for t in row[: _stop(row, stops)]] for row in new]
     got_ids = [
         model.greedy_ids_from_audio(
@@ -421,11 +411,8 @@ def test_init_from_export_gives_the_runs_parameters(from_workdir):
     run = from_workdir.run
     replicated = jax.sharding.NamedSharding(default_mesh(), jax.sharding.PartitionSpec())
     flat = optim.flatten(run.params)
-    trainable, frozen = optim.split_trainable(flat, run.config.train.trainable)
-    shardings = types.SimpleNamespace(
-        trainable=dict.fromkeys(trainable, replicated), frozen=dict.fromkeys(frozen, replicated)
-    )
-    got = export.init_from_export(from_workdir.out, run.model.config, shardings)
+    shardings = dict.fromkeys(flat, replicated)
+    got = weights.init_from_params(from_workdir.out, run.model.config, shardings)
     assert got.keys() == flat.keys()
     assert all(np.array_equal(np.asarray(got[k]), np.asarray(flat[k])) for k in flat)
 
@@ -433,11 +420,9 @@ def test_init_from_export_gives_the_runs_parameters(from_workdir):
     cfg = run.model.config
     stage1 = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, lora_rank=0))
     base = {k: replicated for k in flat if "lora" not in k}
-    got = export.init_from_export(
-        from_workdir.out, stage1, types.SimpleNamespace(trainable=base, frozen={})
-    )
+    got = weights.init_from_params(from_workdir.out, stage1, base)
     assert got.keys() == base.keys()
 
     wide = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, n_post=2))
-    with pytest.raises(export.ExportError, match="adapter.n_post"):
-        export.init_from_export(from_workdir.out, wide, shardings)
+    with pytest.raises(blspkd_hf.ExportError, match="adapter.n_post"):
+        weights.init_from_params(from_workdir.out, wide, shardings)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
-from blspkd_jax import features
+from blspkd_jax.data import features
 
 SR = features.SAMPLE_RATE
 

@@ -12,8 +12,8 @@ import transformers
 from flax import traverse_util
 from test_llm import _randomize
 
-from blspkd_jax import hf, llm
-from blspkd_jax.generate import generate, greedy, select_token
+from blspkd_jax.inference.generate import generate, greedy, select_token
+from blspkd_jax.models import hf, llm
 
 V, H, FF, NL = 96, 32, 64, 2
 P, N = 9, 12  # prompt length (with left padding), new tokens

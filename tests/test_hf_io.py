@@ -12,7 +12,7 @@ from safetensors.numpy import load_file as st_load_numpy
 from safetensors.torch import load_file as st_load_torch
 from safetensors.torch import save_file as st_save_torch
 
-from blspkd_jax import hf
+from blspkd_jax.models import hf
 
 
 def _tensors():

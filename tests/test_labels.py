@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import traverse_util
-from test_layout import tiny_chat_tokenizer
-from tiny import tiny_llm_config
+from tiny import tiny_chat_tokenizer, tiny_llm_config
 from transformers import AutoTokenizer
 
-from blspkd_jax import generate as gen
-from blspkd_jax import hf, labels, llm
+from blspkd_jax import labels as labels_cli
 from blspkd_jax.data.layout import build_layout
+from blspkd_jax.generate import greedy
+from blspkd_jax.inference import labels
+from blspkd_jax.inference.generate import bucket_length
+from blspkd_jax.models import hf, llm
 
 INSTRUCTION = "Continue: "
 SYSTEM = "be brief"
@@ -76,7 +78,7 @@ def model_dir(tmp_path_factory):
     ids, mask = _prompts(tok)
     module = llm.LLM(config)
     run = lambda p: np.asarray(
-        gen.greedy(module, p, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos)
+        greedy(module, p, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos)
     )[:, ids.shape[1] :]
     free = run(traverse_util.unflatten_dict(flat))
     counts = np.bincount(free[:, 1:].ravel(), minlength=len(tok))
@@ -109,13 +111,13 @@ def _read(path):
 def counted(monkeypatch):
     """Counts the real (non-filler) rows passed to generate."""
     calls = []
-    real = gen.generate
+    real = labels.generate
 
     def counting(*args, attention_mask, **kw):
         calls.append(int(np.asarray(attention_mask).any(-1).sum()))
         return real(*args, attention_mask=attention_mask, **kw)
 
-    monkeypatch.setattr(gen, "generate", counting)
+    monkeypatch.setattr(labels, "generate", counting)
     return calls
 
 
@@ -124,7 +126,7 @@ def test_labels_command_and_resume(model_dir, tmp_path, counted):
     manifest, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(manifest, ROWS)
     args = ["--llm", str(path), "--manifest", str(manifest), *CLI]
-    assert labels.main([*args, "--out", str(out)]) == 0
+    assert labels_cli.main([*args, "--out", str(out)]) == 0
     full = out.read_text()
     rows = _read(out)
     # Every row kept as it was, in order, with the greedy continuation of its own prompt.
@@ -138,23 +140,23 @@ def test_labels_command_and_resume(model_dir, tmp_path, counted):
     lines = full.splitlines(keepends=True)
     out.write_text("".join(lines[:3]) + lines[3][:20])
     counted.clear()
-    assert labels.main([*args, "--out", str(out)]) == 0
+    assert labels_cli.main([*args, "--out", str(out)]) == 0
     assert sum(counted) == 3 and out.read_text() == full
     # Nothing left to do.
     counted.clear()
-    assert labels.main([*args, "--out", str(out)]) == 0
+    assert labels_cli.main([*args, "--out", str(out)]) == 0
     assert counted == [] and out.read_text() == full
 
     # Rows done out of order, matched by id: the rest is generated and the file put in order.
     _write(out, [rows[5], rows[0]])
     counted.clear()
-    assert labels.main([*args, "--out", str(out)]) == 0
+    assert labels_cli.main([*args, "--out", str(out)]) == 0
     assert sum(counted) == 4 and out.read_text() == full
 
     # An output that belongs to another manifest is refused, not silently mixed.
     _write(out, [{**rows[0], "text": "something else"}])
-    assert labels.main([*args, "--out", str(out)]) == 1
-    assert labels.main([*args, "--out", str(manifest)]) == 1
+    assert labels_cli.main([*args, "--out", str(out)]) == 1
+    assert labels_cli.main([*args, "--out", str(manifest)]) == 1
 
 
 def test_add_continuations_api(model_dir):
@@ -176,4 +178,4 @@ def test_add_continuations_api(model_dir):
 
 
 def test_bucket_length():
-    assert [labels.bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
+    assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]

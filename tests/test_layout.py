@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from tiny import tiny_chat_tokenizer
 
+from blspkd_jax.data.features import silence_value
 from blspkd_jax.data.layout import (
     CHATML_TEMPLATE,
     ChatLayout,
@@ -13,55 +13,13 @@ from blspkd_jax.data.layout import (
     make_batch,
     render_template,
 )
-from blspkd_jax.features import silence_value
 
-SENTENCES = [
-    "the cat sat on the mat",
-    "hello world how are you today",
-    "a quick brown fox jumps over the lazy dog",
-    "repeat after me please",
-    "you are a helpful assistant",
-]
-SPECIALS = [
-    "<unk>",
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
 LLAMA3_TEMPLATE = (
     "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 PLAIN_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-
-
-def tiny_chat_tokenizer(path, chat_template=CHATML_TEMPLATE):
-    """A byte-level BPE tokenizer trained on a few sentences, ChatML specials, saved and reloaded
-    with AutoTokenizer as a real checkpoint's would be. Shared by the data tests."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(SENTENCES * 3, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        additional_special_tokens=SPECIALS[2:],
-    )
-    if chat_template:
-        fast.chat_template = chat_template
-    fast.save_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import transformers
 from flax import linen as nn
 from flax import traverse_util
 
-from blspkd_jax import hf, llm
-from blspkd_jax.layers import unstack_layers
+from blspkd_jax.models import hf, llm
+from blspkd_jax.models.layers import unstack_layers
 
 V, H, FF, NL = 64, 32, 48, 2
 LLAMA3_ROPE = {

@@ -9,7 +9,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-from test_layout import tiny_chat_tokenizer
+from tiny import tiny_chat_tokenizer
 
 from blspkd_jax.data import audio, check
 from blspkd_jax.data.manifest import parse_line, read_manifest

@@ -10,8 +10,8 @@ import grain
 import librosa
 import numpy as np
 import pytest
-from test_layout import tiny_chat_tokenizer
 from test_manifest import BAD_KINDS, write_bad_kinds, write_wav
+from tiny import tiny_chat_tokenizer
 from transformers import WhisperFeatureExtractor
 
 from blspkd_jax.data.manifest import DataError, read_manifest

@@ -8,131 +8,40 @@ import json
 import os
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import soundfile as sf
-from test_layout import SENTENCES, tiny_chat_tokenizer
-from tiny import tiny_llm_config
+import torch
+from tiny import SENTENCES
+from transformers import AutoModelForCausalLM
 
-from blspkd_jax import config as config_lib
-from blspkd_jax import hf, optim
 from blspkd_jax.data.layout import text_ids
-from blspkd_jax.generate import (
+from blspkd_jax.data.manifest import read_rows
+from blspkd_jax.generate import main
+from blspkd_jax.inference.generate import decode_response
+from blspkd_jax.inference.respond import (
     build_prompts,
-    decode_response,
     generate_from_prompts,
-    main,
-    read_rows,
     speech_responses,
     speech_vectors,
     stop_ids_for,
     text_responses,
 )
-from blspkd_jax.llm import LLM
-from blspkd_jax.model import BLSPKD
-from blspkd_jax.workdir import RunError, load_run
+from blspkd_jax.inference.workdir import RunError, load_run
+from blspkd_jax.models import hf
+from blspkd_jax.models.blspkd import BLSPKD
+from blspkd_jax.models.llm import LLM
+from blspkd_jax.training import optim
 
 REPO = Path(__file__).parent.parent
 MAX_NEW = 6
 _CACHE: dict = {}
 
-OVERRIDES = [
-    "--config.total_steps=2",
-    "--config.batch_size=4",
-    "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=1",
-    "--config.peak_tflops_per_device=1.0",
-    "--config.data.worker_count=0",
-    "--config.data.frame_buckets=(160,)",
-    "--config.data.token_buckets=(48,)",
-    "--config.data.max_seconds=1.5",
-    "--config.data.max_text_tokens=24",
-    "--config.model.encoder.d_model=32",
-    "--config.model.encoder.encoder_layers=1",
-    "--config.model.encoder.encoder_attention_heads=2",
-    "--config.model.encoder.encoder_ffn_dim=64",
-    "--config.model.encoder.max_source_positions=80",
-    "--config.model.adapter.n_pre=1",
-    "--config.model.adapter.n_post=1",
-    "--config.model.adapter.max_tokens=24",
-    "--config.model.llm.lora_rank=4",
-    "--config.optim.warmup_steps=1",
-    # The encoder stays frozen: its weights come back from the seed alone, which load_run must
-    # reproduce; the adapter and PLoRA train.
-    "--config.train.trainable=('^adapter/', 'lora_')",
-]
-
-
-def _write_audio(path, seconds, rate, rs):
-    """Noise with a slow envelope (not silence, so the log-mel has structure); some rows at 8 kHz
-    stereo, which the loader resamples and averages."""
-    n = int(seconds * rate)
-    env = 0.2 + 0.8 * np.abs(np.sin(np.linspace(0, 6, n)))
-    x = (0.1 * rs.randn(n) * env).astype(np.float32)
-    sf.write(path, np.stack([x, -x], 1) if rate != 16000 else x, rate)
-
-
-def tiny_run(tmp_path_factory):
-    """(workdir, assets dir, the trainer's final params): a 2-step run with PLoRA, a random tiny
-    LLM saved as an HF directory with a ChatML tokenizer, and noise audio with real transcripts.
-    Built once per session (test_evaluate imports it)."""
-    if "run" in _CACHE:
-        return _CACHE["run"]
-    from blspkd_jax.train import Trainer
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    tok = tiny_chat_tokenizer(root / "llm")
-    cfg = tiny_llm_config(len(tok), num_layers=1, tie_word_embeddings=True)
-    params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
-    # O(1) logits with clear margins (not init's near-uniform ones), so that greedy responses
-    # are words that depend on the prompt, not a tie broken by rounding.
-    rs = np.random.RandomState(1)
-    params = {
-        k: (1 + 0.2 * rs.randn(*v.shape))
-        if k.endswith("scale")
-        else (rs.randn(*v.shape) if "embed" in k else 0.3 * rs.randn(*v.shape))
-        for k, v in optim.flatten(nn.unbox(params)).items()
-    }
-    hf.save_llm(
-        root / "llm", cfg, optim.unflatten({k: v.astype(np.float32) for k, v in params.items()})
-    )
-
-    rs = np.random.RandomState(0)
-    (root / "audio").mkdir()
-    rows = []
-    for i in range(8):
-        rate = 8000 if i % 3 == 2 else 16000
-        _write_audio(root / "audio" / f"u{i}.wav", 0.5 + 0.12 * i, rate, rs)
-        row = {"audio": f"audio/u{i}.wav", "text": SENTENCES[i % len(SENTENCES)], "id": f"u{i}"}
-        if i % 2:
-            row["response"] = SENTENCES[(i + 1) % len(SENTENCES)]
-        row["reference"] = SENTENCES[(i + 2) % len(SENTENCES)]
-        rows.append(row)
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
-
-    config = config_lib.load_config(str(REPO / "configs/tiny.py"))
-    config_lib.apply_overrides(
-        config,
-        [
-            *OVERRIDES,
-            f"--config.data.train_manifest={root / 'train.jsonl'}",
-            f"--config.model.llm.hf_path={root / 'llm'}",
-        ],
-    )
-    trainer = Trainer(config, root / "workdir")
-    trainer.run()
-    final = jax.tree.map(np.asarray, trainer.state.params())
-    _CACHE["run"] = (root / "workdir", root, final)
-    return _CACHE["run"]
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def trained(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +80,7 @@ def test_load_run_reproduces_the_trained_params(trained, run):
 def test_load_run_stage2_takes_frozen_weights_from_init_from(trained, run, tmp_path):
     """A stage-2 run that trains only PLoRA and starts from the tiny run: its checkpoint holds
     PLoRA alone, so the adapter must come from train.init_from's latest checkpoint."""
-    from blspkd_jax import checkpoint, train_state
+    from blspkd_jax.training import checkpoint, train_state
 
     workdir, _, final = trained
     config = json.loads((workdir / "config.json").read_text())
@@ -245,9 +154,22 @@ def test_transcript_spliced_with_lora_off_gives_the_text_output(run):
     )
     np.testing.assert_array_equal(spliced, from_text)
     assert all(t not in stops for t in from_text[:, 0])  # every row says something
-    assert [decode_response(run.tokenizer, t, stops) for t in from_text] == text_responses(
-        run, rows, max_new_tokens=MAX_NEW, batch_size=4, progress=False
-    )
+    # text_responses, against transformers' own greedy decoding of the same prompts.
+    hf_llm = AutoModelForCausalLM.from_pretrained(run.config.model.llm.hf_path).eval()
+    want = []
+    for b in range(len(rows)):
+        prompt = torch.tensor(text_prompts.input_ids[b][text_prompts.attention_mask[b]])[None]
+        with torch.no_grad():
+            out = hf_llm.generate(
+                prompt,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=list(stops),
+                pad_token_id=run.layout.pad_id,
+            )
+        want.append(decode_response(run.tokenizer, out[0, prompt.shape[1] :].numpy(), stops))
+    got = text_responses(run, rows, max_new_tokens=MAX_NEW, batch_size=4, progress=False)
+    assert got == want
 
     # Not vacuous: PLoRA on at those slots changes the LLM's output there.
     embeds = jnp.where(
@@ -280,7 +202,7 @@ def alpha_sums(params, features, feature_mask, model):
 
 
 def test_speech_vectors_count_is_rounded_alpha_sum(run):
-    from blspkd_jax.generate import load_features
+    from blspkd_jax.inference.respond import load_features
 
     rows = read_rows(Path(run.config.data.train_manifest))[:3]
     feats, mask = load_features(run, rows)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from blspkd_jax import sweep
-from blspkd_jax.config import ConfigError
+from blspkd_jax.training.config import ConfigError
 
 REPO = Path(__file__).parent.parent
 

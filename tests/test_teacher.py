@@ -10,9 +10,10 @@ import torch
 from flax import traverse_util
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from blspkd_jax import hf, teacher
 from blspkd_jax.data.layout import build_layout
-from blspkd_jax.data.sentences import load_sentences
+from blspkd_jax.demo import teacher
+from blspkd_jax.demo.sentences import load_sentences
+from blspkd_jax.models import hf
 
 TINY = dict(
     vocab_size=320,
@@ -49,13 +50,9 @@ def trained(tmp_path_factory, sentences):
     return out, json.loads((out / teacher.SUMMARY_FILE).read_text())
 
 
-def test_continuation_and_wer():
+def test_continuation():
     sentence = "The dog's bone, it seems, is gone!"
     assert teacher.continuation(sentence) == "dog's bone it seems is gone the"
-    assert teacher.edit_distance("kitten", "sitting") == 3
-    assert teacher.edit_distance([], ["a", "b"]) == 2
-    # "the cat sat" vs "a cat sat down": one substitution, one insertion over 3 reference words.
-    assert teacher.wer(["The cat sat.", "x y"], ["a cat sat down", "x y"]) == pytest.approx(2 / 5)
 
 
 def test_tokenizer_loads_and_renders_chatml(trained, sentences):

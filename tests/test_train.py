@@ -3,6 +3,7 @@ metrics and checkpoints, skips bad rows, resumes exactly after a kill, and rejec
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from test_layout import tiny_chat_tokenizer
-from tiny import tiny_llm_config
+from tiny import tiny_chat_tokenizer, tiny_llm_config
 
-from blspkd_jax import hf
-from blspkd_jax.data.corpus import build_corpus
-from blspkd_jax.llm import LLM
+from blspkd_jax.demo.corpus import build_corpus
+from blspkd_jax.models import hf
+from blspkd_jax.models.llm import LLM
 
 REPO = Path(__file__).parent.parent
 
@@ -43,11 +43,16 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A 16-sentence espeak corpus, a tokenizer and a random tiny LLM saved as an HF directory."""
+    """A 16-sentence espeak corpus whose training manifest has two bad rows (line 2: malformed
+    JSON, line 4: a missing file), a tokenizer and a random tiny LLM saved as an HF directory."""
     root = tmp_path_factory.mktemp("train")
     build_corpus(
         root / "corpus", num_sentences=16, variants=2, heldout_fraction=0.25, progress=False
     )
+    lines = (root / "corpus/train.jsonl").read_text().splitlines()
+    lines[1] = "{not json"
+    lines[3] = json.dumps({"audio": "missing.wav", "text": "gone"})
+    (root / "corpus/train_with_bad_rows.jsonl").write_text("\n".join(lines) + "\n")
     tok = tiny_chat_tokenizer(root / "llm")
     cfg = tiny_llm_config(len(tok), tie_word_embeddings=True)
     params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
@@ -56,12 +61,13 @@ def assets(tmp_path_factory):
 
 
 def _args(assets, workdir, *extra, manifest=None):
+    """The training command line of the tests' tiny runs."""
     return [
         "--config",
         str(REPO / "configs/tiny.py"),
         "--workdir",
         str(workdir),
-        f"--config.data.train_manifest={manifest or assets / 'corpus/train.jsonl'}",
+        f"--config.data.train_manifest={manifest or assets / 'corpus/train_with_bad_rows.jsonl'}",
         f"--config.data.eval_manifest={assets / 'corpus/eval.jsonl'}",
         f"--config.model.llm.hf_path={assets / 'llm'}",
         *TINY,
@@ -87,56 +93,92 @@ def _metrics(workdir):
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def test_tiny_run_then_kill_and_resume_matches(assets, tmp_path):
-    full = tmp_path / "full"
-    p = _train(_args(assets, full))
+STEPS = 6  # checkpoints at 2, 4, 6 (checkpoint_every_steps=2, the last 3 kept)
+TERMS = ("loss", "input_kl", "response_kl", "cif")
+
+
+def _assert_same_metrics(got, want, steps, names=TERMS, rtol=1e-6, atol=0.0):
+    for step in steps:
+        for name in names:
+            np.testing.assert_allclose(got[step][name], want[step][name], rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One uninterrupted single-device run of STEPS steps with a final evaluation: what the
+    interrupted, resumed, sharded and multi-process runs below must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    p = _train(_args(assets, workdir, f"--config.total_steps={STEPS}"))
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out[-3000:]
-    metrics = _metrics(full)
-    assert sorted(metrics) == [1, 2, 3, 4]
-    for name in ("loss", "input_kl", "response_kl", "cif"):
+    return workdir
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_logs(reference):
+    metrics = _metrics(reference)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    for name in TERMS:
         assert all(np.isfinite(m[name]) for m in metrics.values()), name
-    assert (full / "checkpoints" / "4").is_dir() and (full / "config.json").exists()
-    assert (full / "tensorboard").is_dir()
-    eval_rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(int(d.name) for d in (reference / "checkpoints").iterdir()) == [2, 4, 6]
+    assert (reference / "config.json").exists() and (reference / "tensorboard").is_dir()
+    eval_rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/input_kl" in r for r in eval_rows)
 
-    # Kill a second run after its first checkpoint, rerun the same command: same metrics.
+
+def test_kill_and_resume_matches_the_uninterrupted_run(assets, reference, tmp_path):
+    """SIGTERM a run once its first checkpoint exists: it saves where it is and exits 128 +
+    SIGTERM before its last step; the same command then resumes from that checkpoint and logs
+    the uninterrupted run's metrics."""
     part = tmp_path / "part"
-    p = _train(_args(assets, part))
+    p = _train(_args(assets, part, f"--config.total_steps={STEPS}"))
     deadline = time.time() + 900
-    while not (part / "checkpoints" / "2").is_dir() and p.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.5)
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=300)
-    p = _train(_args(assets, part))
+    while not (part / "checkpoints" / "2").is_dir():
+        assert p.poll() is None and time.time() < deadline, "the run ended before its first save"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped = max(int(d.name) for d in (part / "checkpoints").iterdir() if d.name.isdigit())
+    assert 2 <= stopped < STEPS, stopped
+    p = _train(_args(assets, part, f"--config.total_steps={STEPS}"))
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out[-3000:]
+    assert f"resumed from step {stopped}" in out
     resumed = _metrics(part)
-    for step in (3, 4):
-        for name in ("loss", "input_kl", "response_kl", "cif"):
-            np.testing.assert_allclose(resumed[step][name], metrics[step][name], rtol=1e-6)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    _assert_same_metrics(resumed, _metrics(reference), range(stopped + 1, STEPS + 1))
 
 
-def test_bad_rows_are_skipped_and_reported(assets, tmp_path):
-    rows = (assets / "corpus/train.jsonl").read_text().splitlines()
-    bad = tmp_path / "bad.jsonl"
-    corpus = assets / "corpus"
-    lines = [
-        json.dumps({**json.loads(r), "audio": str(corpus / json.loads(r)["audio"])}) for r in rows
-    ]
-    lines[1] = "{not json"
-    lines[3] = json.dumps({"audio": str(tmp_path / "missing.wav"), "text": "gone"})
-    bad.write_text("\n".join(lines) + "\n")
+def test_interrupted_save_leaves_previous_checkpoint_loadable(assets, reference, tmp_path):
+    """orbax writes a step into a temporary folder and renames it when complete; a half-written
+    step (what a kill mid-save leaves) must be ignored and the previous one restored."""
+    from blspkd_jax.training import checkpoint
+
     workdir = tmp_path / "w"
-    p = _train(_args(assets, workdir, "--config.total_steps=2", manifest=bad))
+    shutil.copytree(reference, workdir)
+    ckpts = workdir / "checkpoints"
+    for step in (4, 6):  # as if killed while writing step 4
+        shutil.rmtree(ckpts / str(step))
+    partial = ckpts / "4.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpts / "2", partial)
+    (partial / "state" / "commit_success.txt").unlink(missing_ok=True)
+    for f in list(partial.rglob("*"))[::2]:  # a torn write: half the files missing
+        if f.is_file():
+            f.unlink()
+    mngr = checkpoint.manager(workdir)
+    assert mngr.latest_step() == 2
+    p = _train(_args(assets, workdir, f"--config.total_steps={STEPS}"))
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out[-3000:]
-    skipped = [json.loads(x) for x in (workdir / "skipped.jsonl").read_text().splitlines()]
-    assert {s["line"] for s in skipped} >= {2, 4}
-    assert sorted(_metrics(workdir)) == [1, 2]
+    assert "resumed from step 2" in out
+    _assert_same_metrics(_metrics(workdir), _metrics(reference), range(3, STEPS + 1))
+
+
+def test_bad_rows_are_skipped_and_reported(reference):
+    skipped = [json.loads(x) for x in (reference / "skipped.jsonl").read_text().splitlines()]
+    reasons = {s["line"]: s["reason"] for s in skipped}
+    assert reasons[2].startswith("malformed JSON")
+    assert reasons[4].startswith("audio file not found")
 
 
 def test_unknown_config_key_is_rejected_by_name(assets, tmp_path):
@@ -146,64 +188,25 @@ def test_unknown_config_key_is_rejected_by_name(assets, tmp_path):
     assert "learning_rat" in out and "learning_rate" in out
 
 
-def test_multiprocess_launcher_runs_a_tiny_job(assets, tmp_path):
+@pytest.mark.slow
+def test_two_processes_on_a_2x2x2_mesh_match_one_device(assets, reference, tmp_path):
+    """The launcher's 2 processes x 4 devices (mesh data=2, fsdp=2, tensor=2; each process decodes
+    its own half of every batch) train as the single-device reference does."""
     workdir = tmp_path / "mp"
     cmd = [
         sys.executable,
         str(REPO / "launch/multiprocess.py"),
         "--num-processes=2",
-        "--devices-per-process=1",
+        "--devices-per-process=4",
         "--",
-        *_args(assets, workdir, "--config.total_steps=2", "--config.data.eval_manifest="),
-    ]
+        *_args(assets, workdir, f"--config.total_steps={STEPS}", "--config.data.eval_manifest=",
+               "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
+    ]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     logs = "".join((workdir / f"process{i}.log").read_text()[-2000:] for i in range(2))
     assert p.returncode == 0, p.stderr + logs
-    assert sorted(_metrics(workdir)) == [1, 2]
-    assert "2 processes" in (workdir / "process0.log").read_text()
-
-
-def test_mesh_2x2x2_on_8_devices_matches_one_device(assets, tmp_path):
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    steps = ["--config.total_steps=2", "--config.data.eval_manifest="]
-    p1 = _train(_args(assets, one, *steps, "--config.mesh.fsdp=1"))
-    p8 = _train(
-        _args(assets, eight, *steps, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-              "--config.mesh.tensor=2"),
-        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-    )  # fmt: skip
-    for p in (p1, p8):
-        out, _ = p.communicate(timeout=900)
-        assert p.returncode == 0, out[-3000:]
-    a, b = _metrics(one), _metrics(eight)
-    assert sorted(a) == sorted(b) == [1, 2]
-    for step in a:
-        for name in ("loss", "input_kl", "response_kl", "cif", "grad_norm"):
-            np.testing.assert_allclose(b[step][name], a[step][name], rtol=1e-5, atol=1e-6)
-
-
-def test_interrupted_save_leaves_previous_checkpoint_loadable(assets, tmp_path):
-    """orbax writes a step into a temporary folder and renames it when complete; a half-written
-    step (what a kill mid-save leaves) must be ignored and the previous one restored."""
-    import shutil
-
-    from blspkd_jax import checkpoint
-
-    workdir = tmp_path / "w"
-    p = _train(_args(assets, workdir, "--config.total_steps=2", "--config.data.eval_manifest="))
-    out, _ = p.communicate(timeout=900)
-    assert p.returncode == 0, out[-3000:]
-    ckpts = workdir / "checkpoints"
-    partial = ckpts / "3.orbax-checkpoint-tmp-1234567"
-    shutil.copytree(ckpts / "2", partial)
-    (partial / "state" / "commit_success.txt").unlink(missing_ok=True)
-    for f in list(partial.rglob("*"))[::2]:  # a torn write: half the files missing
-        if f.is_file():
-            f.unlink()
-    mngr = checkpoint.manager(workdir)
-    assert mngr.latest_step() == 2
-    p = _train(_args(assets, workdir, "--config.total_steps=3", "--config.data.eval_manifest="))
-    out, _ = p.communicate(timeout=900)
-    assert p.returncode == 0, out[-3000:]
-    assert "resumed from step 2" in out
-    assert sorted(_metrics(workdir)) == [1, 2, 3]
+    assert "2 processes, 8 devices" in (workdir / "process0.log").read_text()
+    names = (*TERMS, "grad_norm")
+    _assert_same_metrics(
+        _metrics(workdir), _metrics(reference), range(1, STEPS + 1), names, 1e-5, 1e-6
+    )

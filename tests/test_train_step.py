@@ -1,7 +1,6 @@
 """The composed model, loss positions, trainable/frozen split and the sharded train step."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,11 @@ import numpy as np
 import pytest
 from tiny import random_batch, tiny_config
 
-from blspkd_jax import optim, sharding, train_state
-from blspkd_jax.llm import LLM
-from blspkd_jax.model import BLSPKD, LossConfig, compute_losses, loss_rows, splice_speech
+from blspkd_jax.models import sharding
+from blspkd_jax.models.blspkd import BLSPKD, splice_speech
+from blspkd_jax.models.llm import LLM
+from blspkd_jax.training import optim, train_state, weights
+from blspkd_jax.training.objective import LossConfig, compute_losses, loss_rows
 
 HERE = Path(__file__).parent
 
@@ -24,7 +25,7 @@ HERE = Path(__file__).parent
 def model_and_params():
     model = BLSPKD(tiny_config())
     batch = random_batch(0)
-    params = model.init({"params": jax.random.key(0)}, batch)["params"]
+    params = jax.jit(model.init)({"params": jax.random.key(0)}, batch)["params"]
     params = nn.unbox(params)
     # Give PLoRA non-zero B so that "LoRA changes nothing where the mask is 0" is a real test.
     flat = optim.flatten(params)
@@ -100,33 +101,43 @@ def _transcript_embeddings(text, speech_mask):
 
 def test_example_independent_of_other_examples_padding(model_and_params):
     model, params, batch = model_and_params
-    student, teacher, _ = model.apply({"params": params}, batch)
+    fwd = jax.jit(model.apply)  # one program for both batches: only the data differs
+    student, teacher, _ = fwd({"params": params}, batch)
     other = {k: v.copy() for k, v in batch.items()}
     # Shrink example 1's audio and change example 2's tokens: example 0 must not move.
     other["feature_mask"][1, 40:] = False
     other["features"][1] *= other["feature_mask"][1]
     other["input_ids"][2] = (other["input_ids"][2] + 5) % 97
-    s2, t2, _ = model.apply({"params": params}, other)
+    s2, t2, _ = fwd({"params": params}, other)
     np.testing.assert_allclose(np.asarray(s2[0]), np.asarray(student[0]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(t2[0]), np.asarray(teacher[0]))
 
 
-def test_losses_are_finite_and_named(model_and_params):
+def test_losses_are_finite_named_and_weighted(model_and_params):
     model, params, batch = model_and_params
-    loss, metrics = compute_losses(model, params, batch, LossConfig(response_ce=1.0))
-    for name in ("input_kl", "response_kl", "response_ce", "cif", "loss"):
+    weights = {"input_kl": 0.5, "response_kl": 2.0, "response_ce": 1.5, "cif": 0.25}
+    loss, metrics = jax.jit(compute_losses, static_argnums=(0, 3))(
+        model, params, batch, LossConfig(**weights)
+    )
+    for name in (*weights, "loss"):
         assert np.isfinite(float(metrics[name])), name
-    expected = sum(float(metrics[k]) for k in ("input_kl", "response_kl", "response_ce", "cif"))
+    expected = sum(w * float(metrics[k]) for k, w in weights.items())
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    # The cif term: |sum(alpha) - n| / n over the real examples only (the last row is filler).
+    aux = jax.jit(model.apply)({"params": params}, batch)[2]
+    sums = np.asarray(aux["alphas"], np.float64).sum(-1)
+    n = batch["text_lengths"].astype(np.float64)
+    real = batch["example_mask"]
+    assert not real.all()
+    want = np.mean(np.abs(sums - n)[real] / n[real])
+    np.testing.assert_allclose(float(metrics["cif"]), want, rtol=1e-5)
 
 
 def _state(model, step_cfg, batch, mesh=None):
     mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, _ = optim.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    state, shardings = train_state.create_state(
-        model, mesh, jax.random.key(0), abstract, step_cfg, tx
-    )
+    params = weights.random_params(model, mesh, jax.random.key(0))
+    state, shardings = train_state.create_state(params, mesh, step_cfg, tx)
     return state, shardings, tx, mesh
 
 
@@ -153,38 +164,60 @@ def test_frozen_weights_carry_no_optimizer_state():
     assert any(k.startswith("llm/") for k in state2.frozen)
 
 
-def test_train_step_updates_trainable_only_and_accumulation():
+def test_train_step_updates_trainable_only():
     model = BLSPKD(tiny_config())
-    half = random_batch(3, batch=4)
-    half["example_mask"][:] = True
-    doubled = {k: np.concatenate([v, v]) for k, v in half.items()}
-    results = {}
-    for accum, batch in ((1, half), (2, doubled)):
-        step_cfg = train_state.StepConfig(
-            trainable=("^adapter/", "lora_"), loss=LossConfig(), grad_accum_steps=accum
-        )
-        state, shardings, tx, mesh = _state(model, step_cfg, batch)
-        frozen_before = {k: np.asarray(v) for k, v in state.frozen.items()}
-        step = jax.jit(train_state.make_train_step(model, step_cfg, tx))
-        state, metrics = step(state, batch, jax.random.PRNGKey(0))
-        for k, v in state.frozen.items():
-            np.testing.assert_array_equal(np.asarray(v), frozen_before[k])
-        results[accum] = (metrics, state.trainable)
-    # Two identical micro-batches average to the single one's gradient.
-    np.testing.assert_allclose(
-        float(results[2][0]["loss"]), float(results[1][0]["loss"]), rtol=1e-5
+    batch = random_batch(3)
+    step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
+    state, shardings, tx, mesh = _state(model, step_cfg, batch)
+    frozen_before = {k: np.asarray(v) for k, v in state.frozen.items()}
+    trainable_before = {k: np.asarray(v) for k, v in state.trainable.items()}
+    step = jax.jit(train_state.make_train_step(model, step_cfg, tx))
+    for _ in range(2):  # the warmup's learning rate is 0 at step 0
+        state, _ = step(state, batch, jax.random.PRNGKey(0))
+    for k, v in state.frozen.items():
+        np.testing.assert_array_equal(np.asarray(v), frozen_before[k])
+    changed = [k for k, v in state.trainable.items() if not np.array_equal(v, trainable_before[k])]
+    # Every trained tensor moves, PLoRA's B included (its zero init gets a gradient from A).
+    assert sorted(changed) == sorted(trainable_before)
+
+
+def test_gradient_accumulation_averages_two_different_micro_batches():
+    """Accumulating over two micro-batches gives the mean of their gradients, taken one by one
+    (before any optimizer): a missing division by n or a dropped micro-batch fails this."""
+    model = BLSPKD(tiny_config())
+    a, b = random_batch(3, batch=4), random_batch(5, batch=4)
+    a["example_mask"][:] = b["example_mask"][:] = True
+    both = {k: np.concatenate([a[k], b[k]]) for k in a}
+    step_cfg = train_state.StepConfig(
+        trainable=("^adapter/", "lora_"), loss=LossConfig(response_ce=0.5), grad_accum_steps=2
     )
-    for k, v in results[1][1].items():
-        np.testing.assert_allclose(
-            np.asarray(results[2][1][k]), np.asarray(v), atol=1e-6, err_msg=k
-        )
+    state, *_ = _state(model, step_cfg, both)
+    rng = jax.random.PRNGKey(0)
+    grads, metrics = jax.jit(train_state.make_grad_fn(model, step_cfg))(
+        state.trainable, state.frozen, both, rng
+    )
+
+    def loss(trainable, batch):  # the plain loss of one batch, no accumulation involved
+        params = optim.unflatten({**trainable, **state.frozen})
+        return compute_losses(model, params, batch, step_cfg.loss)
+
+    one_by_one = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (loss_a, m_a), g_a = one_by_one(state.trainable, a)
+    (loss_b, m_b), g_b = one_by_one(state.trainable, b)
+    assert abs(float(loss_a) - float(loss_b)) > 1e-3  # the two micro-batches really differ
+    np.testing.assert_allclose(float(metrics["loss"]), (loss_a + loss_b) / 2, rtol=1e-5)
+    assert int(metrics["num_examples"]) == int(m_a["num_examples"]) + int(m_b["num_examples"])
+    for k in g_a:
+        want = (np.asarray(g_a[k]) + np.asarray(g_b[k])) / 2
+        np.testing.assert_allclose(np.asarray(grads[k]), want, rtol=1e-4, atol=1e-7, err_msg=k)
 
 
 def test_non_finite_loss_skips_update():
     model = BLSPKD(tiny_config())
     batch = random_batch(4)
     batch["features"][0, 0, 0] = np.nan
-    step_cfg = train_state.StepConfig(trainable=("^adapter/",), loss=LossConfig())
+    # The configuration of test_train_step_updates_trainable_only: the same compiled program.
+    step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
     state, shardings, tx, mesh = _state(model, step_cfg, batch)
     before = {k: np.asarray(v) for k, v in state.trainable.items()}
     state, metrics = jax.jit(train_state.make_train_step(model, step_cfg, tx))(
@@ -220,26 +253,10 @@ def _run(args, **kw):
     return subprocess.Popen([sys.executable, str(HERE / "_train_parity.py"), *args], env=env, **kw)
 
 
+@pytest.mark.slow
 def test_meshes_match_single_device(tmp_path):
     out = tmp_path / "r.npz"
-    proc = _run(
-        ["--out", str(out), "--devices", "8", "--meshes", "1,1,1", "8,1,1", "1,8,1", "2,2,2"]
-    )
+    proc = _run(["--out", str(out), "--devices", "8", "--meshes", "1,1,1", "1,8,1", "2,2,2"])
     assert proc.wait(timeout=600) == 0
-    for spec in ("8,1,1", "1,8,1", "2,2,2"):
+    for spec in ("1,8,1", "2,2,2"):
         _assert_same_run(out, "1,1,1", out, spec)
-
-
-def test_two_processes_match_single_process(tmp_path):
-    ref = tmp_path / "ref.npz"
-    single = _run(["--out", str(ref), "--devices", "1", "--meshes", "1,1,1"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    outs = tmp_path / "mp.npz"
-    common = ["--out", str(outs), "--devices", "2", "--meshes", "2,2,1", "--num-processes", "2"]
-    coordinator = ["--coordinator", f"127.0.0.1:{port}"]
-    procs = [_run([*common, *coordinator, "--process-id", str(i)]) for i in range(2)]
-    assert single.wait(timeout=600) == 0
-    assert [p.wait(timeout=600) for p in procs] == [0, 0]
-    _assert_same_run(ref, "1,1,1", outs, "2,2,1")

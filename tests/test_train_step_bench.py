@@ -1,9 +1,11 @@
 """benchmarks/train_step.py times the same computation in both frameworks: on a tiny model, the
-PyTorch step's loss terms equal `compute_losses`, its gradients equal JAX's, and one full step
-(clipping, AdamW with the decay mask) leaves the same parameters as `make_train_step`."""
+PyTorch step (benchmarks/torch_step.py) has loss terms equal to `compute_losses`, gradients equal
+to JAX's, and one full step (clipping, AdamW with the decay mask) leaves the same parameters as
+`make_train_step`."""
 
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 from tiny import random_batch, tiny_config
 
-from blspkd_jax import optim, train_state
-from blspkd_jax.model import BLSPKD, LossConfig, compute_losses
+from blspkd_jax.models.blspkd import BLSPKD
+from blspkd_jax.training import optim, train_state
+from blspkd_jax.training.objective import LossConfig, compute_losses
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "train_step.py"
 # Stage 2 with the encoder: every part of the student trains (as configs/tiny.py:stage2).
@@ -25,11 +28,15 @@ OPTIM = dict(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.
 
 
 def _load_bench():
+    """benchmarks/train_step.py and benchmarks/torch_step.py (which it puts on sys.path), as one
+    namespace of the functions the tests use."""
     spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
     spec.loader.exec_module(module)
-    return module
+    import torch_step
+
+    return types.SimpleNamespace(random_params=module.random_params, **vars(torch_step))
 
 
 @pytest.fixture(scope="module")

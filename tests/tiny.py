@@ -1,14 +1,28 @@
-"""Tiny BLSP-KD models, LLM configs and hand-built batches shared by the tests (importable from
-subprocesses: tests/ is put on sys.path by them)."""
+"""Tiny BLSP-KD models, LLM configs, tokenizers, hand-built batches and a tiny trained run shared by
+the tests (importable from subprocesses: tests/ is put on sys.path by them)."""
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
 
-from blspkd_jax.adapter import CFormerConfig
-from blspkd_jax.encoder import WhisperEncoderConfig
-from blspkd_jax.llm import LLMConfig
-from blspkd_jax.model import BLSPKDConfig
+import flax.linen as nn
+import jax
+import numpy as np
+import soundfile as sf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from blspkd_jax.data.layout import CHATML_TEMPLATE
+from blspkd_jax.models import hf
+from blspkd_jax.models.adapter import CFormerConfig
+from blspkd_jax.models.blspkd import BLSPKDConfig
+from blspkd_jax.models.encoder import WhisperEncoderConfig
+from blspkd_jax.models.llm import LLM, LLMConfig
+from blspkd_jax.training import config as config_lib
+from blspkd_jax.training import optim
+
+REPO = Path(__file__).parent.parent
 
 N_MELS = 16
 VOCAB = 97
@@ -85,3 +99,139 @@ def random_batch(seed: int, batch: int = 8, frames: int = 64, length: int = 32) 
     out["example_mask"][-1] = False
     out["features"] *= out["feature_mask"][:, None, :]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers.
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "hello world how are you today",
+    "a quick brown fox jumps over the lazy dog",
+    "repeat after me please",
+    "you are a helpful assistant",
+]
+SPECIALS = [
+    "<unk>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
+
+def tiny_chat_tokenizer(path, chat_template=CHATML_TEMPLATE):
+    """A byte-level BPE tokenizer trained on a few sentences, ChatML specials, saved and reloaded
+    with AutoTokenizer as a real checkpoint's would be. Shared by the data tests."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=SPECIALS[2:],
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny trained run (the `tiny_run` fixture of conftest.py builds it once per session).
+
+OVERRIDES = [
+    "--config.total_steps=2",
+    "--config.batch_size=4",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=1",
+    "--config.peak_tflops_per_device=1.0",
+    "--config.data.worker_count=0",
+    "--config.data.frame_buckets=(160,)",
+    "--config.data.token_buckets=(48,)",
+    "--config.data.max_seconds=1.5",
+    "--config.data.max_text_tokens=24",
+    "--config.model.encoder.d_model=32",
+    "--config.model.encoder.encoder_layers=1",
+    "--config.model.encoder.encoder_attention_heads=2",
+    "--config.model.encoder.encoder_ffn_dim=64",
+    "--config.model.encoder.max_source_positions=80",
+    "--config.model.adapter.n_pre=1",
+    "--config.model.adapter.n_post=1",
+    "--config.model.adapter.max_tokens=24",
+    "--config.model.llm.lora_rank=4",
+    "--config.optim.warmup_steps=1",
+    # The encoder stays frozen: its weights come back from the seed alone, which load_run must
+    # reproduce; the adapter and PLoRA train.
+    "--config.train.trainable=('^adapter/', 'lora_')",
+]
+
+
+def _write_audio(path, seconds, rate, rs):
+    """Noise with a slow envelope (not silence, so the log-mel has structure); some rows at 8 kHz
+    stereo, which the loader resamples and averages."""
+    n = int(seconds * rate)
+    env = 0.2 + 0.8 * np.abs(np.sin(np.linspace(0, 6, n)))
+    x = (0.1 * rs.randn(n) * env).astype(np.float32)
+    sf.write(path, np.stack([x, -x], 1) if rate != 16000 else x, rate)
+
+
+def build_tiny_run(root: Path):
+    """(workdir, assets dir, the trainer's final params): a 2-step run with PLoRA in `root`, a
+    random tiny LLM saved as an HF directory with a ChatML tokenizer, and noise audio with real
+    transcripts."""
+    from blspkd_jax.training.trainer import Trainer
+
+    tok = tiny_chat_tokenizer(root / "llm")
+    cfg = tiny_llm_config(len(tok), num_layers=1, tie_word_embeddings=True)
+    params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    # O(1) logits with clear margins (not init's near-uniform ones), so that greedy responses
+    # are words that depend on the prompt, not a tie broken by rounding.
+    rs = np.random.RandomState(1)
+    params = {
+        k: (1 + 0.2 * rs.randn(*v.shape))
+        if k.endswith("scale")
+        else (rs.randn(*v.shape) if "embed" in k else 0.3 * rs.randn(*v.shape))
+        for k, v in optim.flatten(nn.unbox(params)).items()
+    }
+    hf.save_llm(
+        root / "llm", cfg, optim.unflatten({k: v.astype(np.float32) for k, v in params.items()})
+    )
+
+    rs = np.random.RandomState(0)
+    (root / "audio").mkdir()
+    rows = []
+    for i in range(8):
+        rate = 8000 if i % 3 == 2 else 16000
+        _write_audio(root / "audio" / f"u{i}.wav", 0.5 + 0.12 * i, rate, rs)
+        row = {"audio": f"audio/u{i}.wav", "text": SENTENCES[i % len(SENTENCES)], "id": f"u{i}"}
+        if i % 2:
+            row["response"] = SENTENCES[(i + 1) % len(SENTENCES)]
+        row["reference"] = SENTENCES[(i + 2) % len(SENTENCES)]
+        rows.append(row)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+
+    config = config_lib.load_config(str(REPO / "configs/tiny.py"))
+    config_lib.apply_overrides(
+        config,
+        [
+            *OVERRIDES,
+            f"--config.data.train_manifest={root / 'train.jsonl'}",
+            f"--config.model.llm.hf_path={root / 'llm'}",
+        ],
+    )
+    trainer = Trainer(config, root / "workdir")
+    trainer.run()
+    final = jax.tree.map(np.asarray, trainer.state.params())
+    return root / "workdir", root, final

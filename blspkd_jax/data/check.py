@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data.layout import text_ids
 from blspkd_jax.data.manifest import MAX_SECONDS, MAX_TEXT_TOKENS, MIN_SECONDS, BadRow, Row
 
 
@@ -36,8 +37,6 @@ def check_manifest(
     rows, bad = manifest_lib.read_manifest(path)
     counts = [None] * len(rows)
     if tokenizer is not None and rows:
-        from blspkd_jax.data.layout import text_ids
-
         counts = [len(x) for x in text_ids(tokenizer, [r.text for r in rows])]
 
     def check(i: int) -> BadRow | None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from blspkd_jax.features import silence_value
+from blspkd_jax.data.features import silence_value
 
 TRANSCRIPT_MARK = "<<TRANSCRIPT>>"
 RESPONSE_MARK = "<<RESPONSE>>"

@@ -39,6 +39,16 @@ class Row:
     id: str = ""
     offset: float = 0.0
     duration: float | None = None
+    # The line's JSON object as written (every key, the audio path as given): tools that copy rows
+    # to a new manifest start from it.
+    fields: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def audio_from(self, folder: str | os.PathLike) -> str:
+        """The audio path to write in a manifest in `folder`: absolute if the row's was, else
+        relative to `folder`, so that it still resolves there."""
+        if os.path.isabs(os.path.expanduser(self.fields.get("audio", ""))):
+            return self.audio
+        return os.path.relpath(self.audio, os.path.abspath(folder))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +114,7 @@ def parse_line(text: str, line: int, base_dir: str) -> Row:
         id=row_id,
         offset=offset,
         duration=duration,
+        fields=obj,
     )
 
 
@@ -147,6 +158,26 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[Row], list[BadRow]]:
         except ValueError as e:
             bad.append(BadRow(path, number, str(e)))
     return rows, bad
+
+
+def read_rows(path: str | os.PathLike) -> list[Row]:
+    """A manifest's rows, for tools that need every one of them; a DataError lists each malformed
+    line as `MANIFEST:LINE: reason`."""
+    rows, bad = read_manifest(path)
+    if bad:
+        raise DataError("\n".join(str(b) for b in bad))
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object a line, written to a temporary file and renamed into place, so a reader
+    never sees half a file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def check_text(row: Row, num_text_tokens: int | None, max_text_tokens: int | None) -> None:

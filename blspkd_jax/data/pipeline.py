@@ -36,6 +36,7 @@ import numpy as np
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data.features import log_mel
 from blspkd_jax.data.layout import DEFAULT_SYSTEM, ChatLayout, make_batch
 from blspkd_jax.data.manifest import BadRow, DataError
 
@@ -77,6 +78,36 @@ class DataConfig:
     instruction: str = ""  # used where a row has no "instruction"
     system_prompt: str = DEFAULT_SYSTEM  # "" sends no system turn (the template's default applies)
     chat_template: str = ""  # overrides the tokenizer's own template when set
+
+    @classmethod
+    def from_config(cls, config, process_count: int) -> DataConfig:
+        """This process's data options from a run's config (`data.*`, the global `batch_size`
+        split over `process_count` processes, `seed`)."""
+        if config.batch_size <= 0 or config.batch_size % process_count:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be a positive multiple of the "
+                f"{process_count} processes"
+            )
+        d = config.data
+        return cls(
+            train_manifest=d.train_manifest,
+            eval_manifest=d.eval_manifest,
+            batch_size_per_process=config.batch_size // process_count,
+            frame_buckets=tuple(d.frame_buckets),
+            token_buckets=tuple(d.token_buckets),
+            min_seconds=d.min_seconds,
+            max_seconds=d.max_seconds,
+            max_text_tokens=d.max_text_tokens,
+            n_mels=d.n_mels,
+            worker_count=d.worker_count,
+            worker_buffer_size=d.worker_buffer_size,
+            seed=config.seed,
+            shuffle=d.shuffle,
+            strict=d.strict,
+            instruction=d.instruction,
+            system_prompt=d.system_prompt,
+            chat_template=d.chat_template,
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the `data.*` key that is out of range."""
@@ -339,8 +370,6 @@ class LoadBatch(grain.transforms.Map):
         return batch
 
     def _example(self, r: int, skipped: list) -> dict | None:
-        from blspkd_jax.features import log_mel  # numpy only; imported where it runs
-
         ix = self.index
         row = manifest_lib.parse_line(
             manifest_lib.read_line_at(ix.manifest, int(ix.offsets[r])),

@@ -10,10 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blspkd_jax.cif import METHODS, cif, quantity_loss
-from blspkd_jax.encoder import WhisperLayer
-from blspkd_jax.layers import REMAT_POLICIES, Stack
-from blspkd_jax.llm import RMSNorm
+from blspkd_jax.models.cif import METHODS, cif
+from blspkd_jax.models.encoder import WhisperLayer
+from blspkd_jax.models.layers import REMAT_POLICIES, RMSNorm, Stack, dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +59,6 @@ class CFormerConfig:
             raise ValueError(f"{where}: remat {self.remat!r} not one of {list(REMAT_POLICIES)}")
 
 
-def _dense(features, names, dtype, param_dtype, name):
-    """nn.Dense with logical axis names on the kernel [in, out] and the bias [out]."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]),
-        name=name,
-    )
-
-
 class CFormer(nn.Module):
     """`h [B, T, D]`, `frame_mask [B, T]` (True = valid; None = all), `target_lengths [B]`
     (training; None = inference) -> `(tokens [B, N, H], token_mask [B, N], aux)`.
@@ -82,9 +69,9 @@ class CFormer(nn.Module):
     3. `cif_proj` Linear(D-1 -> D); 4. `n_post` Whisper layers over the tokens, padding masked;
     5. optional RMSNorm; `out_proj` Linear(D -> H). Padded token slots are zero.
 
-    aux: "alphas" [B, T] (unscaled, 0 on padding), "alpha_sum" [B] (the predicted length),
-    "overflow" (int32 scalar: examples with more tokens than N, clipped to N) and, in training,
-    "quantity_loss" (SPEC section 3). The CFormer has no dropout; `deterministic` is accepted so
+    aux: "alphas" [B, T] (unscaled, 0 on padding; the quantity loss reads them), "alpha_sum" [B]
+    (the predicted length), "overflow" (int32 scalar: examples with more tokens than N, clipped to
+    N). The CFormer has no dropout; `deterministic` is accepted so
     that every module of the model takes the same call.
     """
 
@@ -126,16 +113,14 @@ class CFormer(nn.Module):
             return_overflow=True,
         )
         # The CIF input has D-1 channels (odd for every Whisper size): not split over devices.
-        y = _dense(width, (None, "embed"), dt, pdt, "cif_proj")(tokens)
+        y = dense(width, (None, "embed"), dt, pdt, "cif_proj")(tokens)
         y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_embed"))
         if c.n_post:
             y = stack(c.n_post, "post_layers")(y, token_mask)
         if c.out_norm:
             y = RMSNorm(c.out_norm_eps, dt, pdt, name="out_norm")(y)
-        y = _dense(c.llm_hidden, ("mlp", "embed"), dt, pdt, "out_proj")(y)
+        y = dense(c.llm_hidden, ("mlp", "embed"), dt, pdt, "out_proj")(y)
         y = jnp.where(token_mask[..., None], y, 0).astype(dt)
         y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_embed"))
         aux = {"alphas": alphas, "alpha_sum": alphas.sum(-1), "overflow": overflow}
-        if target_lengths is not None:
-            aux["quantity_loss"] = quantity_loss(alphas, frame_mask, target_lengths)
         return y, token_mask, aux

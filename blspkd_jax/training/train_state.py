@@ -1,30 +1,27 @@
 """The sharded train state and the jitted train step (MaxText's recipe).
 
-`jax.eval_shape(init)` gives the parameter shapes and their logical names; `sharding.RULES` turns
-them into shardings; `jax.jit(init, out_shardings=...)` materialises every array directly in its
-shards, so no full copy ever sits on one device. The step is `jax.jit` with explicit in/out
-shardings and the state donated; it is compiled ahead of time so its memory and FLOPs are known
-before the first batch.
+The state is built from parameters that already sit in their shardings (`weights.py`), so no
+full copy ever sits on one device. The step is `jax.jit` with explicit in/out shardings and the
+state donated; it is compiled ahead of time so its memory and FLOPs are known before the first
+batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from blspkd_jax import optim, sharding
-from blspkd_jax.model import BLSPKD, LossConfig, compute_losses
-
-BATCH_AXES = ("data", "fsdp")
+from blspkd_jax.models import sharding
+from blspkd_jax.models.blspkd import BLSPKD
+from blspkd_jax.training import optim
+from blspkd_jax.training.objective import LossConfig, compute_losses
 
 
 @struct.dataclass
@@ -51,79 +48,20 @@ class StepConfig:
     grad_accum_steps: int = 1
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch-leading arrays split over data x fsdp, replicated over tensor."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows of the batch -> global arrays sharded over data x fsdp.
-
-    Each process passes only its own slice (rows in process order); the global batch is the
-    concatenation over processes, assembled without any process holding all of it.
-    """
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-        for k, v in local.items()
-    }
-
-
-def param_shardings(mesh: Mesh, init_fn: Callable, *args) -> tuple[Any, Any]:
-    """(abstract unboxed params, their NamedShardings) for `init_fn(*args)` (boxed params)."""
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = sharding.logical_shardings(mesh, abstract)
-    return nn.unbox(abstract), shardings
-
-
-def shard_host_array(x, target: NamedSharding) -> jax.Array:
-    """Place a host (numpy or memmap) array into `target` shards, each process reading only its
-    own slices (works for multi-host: no process needs the whole array on device)."""
-    x = np.asarray(x) if not hasattr(x, "__getitem__") else x
-    return jax.make_array_from_callback(x.shape, target, lambda idx: np.asarray(x[idx]))
-
-
 def create_state(
-    model: BLSPKD,
+    params: Mapping[str, jax.Array],
     mesh: Mesh,
-    rng: jax.Array,
-    example_batch: Mapping[str, jax.ShapeDtypeStruct],
     step_cfg: StepConfig,
     tx: optax.GradientTransformation,
-    pretrained: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[TrainState, TrainState]:
-    """(state, state shardings). `pretrained` maps flat paths to host arrays that replace the
-    random initialisation (loaded Whisper/LLM weights); everything is created in its shards."""
-
-    def init(rng):
-        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(example_batch))
-        return model.init({"params": rng, "dropout": rng}, dummy)["params"]
-
-    abstract, shardings = param_shardings(mesh, init, rng)
-    flat_abstract = optim.flatten(abstract)
-    flat_shard = optim.flatten(shardings)
-    pretrained = dict(pretrained or {})
-    unknown = sorted(set(pretrained) - set(flat_abstract))
-    if unknown:
-        raise ValueError(f"pretrained weights for unknown parameters: {unknown[:5]}")
-    for k, v in pretrained.items():
-        if tuple(v.shape) != tuple(flat_abstract[k].shape):
-            raise ValueError(
-                f"pretrained {k}: shape {tuple(v.shape)} != model's {tuple(flat_abstract[k].shape)}"
-            )
-
-    with sharding.activate(mesh):
-        params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
-    flat = optim.flatten(params)
-    for k, v in pretrained.items():
-        flat[k] = shard_host_array(
-            np.asarray(v, dtype=flat_abstract[k].dtype) if v.dtype != flat_abstract[k].dtype else v,
-            flat_shard[k],
-        )
-    trainable, frozen = optim.split_trainable(flat, step_cfg.trainable)
+    """(state at step 0, state shardings) from a run's flat parameters (`weights.assemble_params`:
+    already in their shardings), split by `step_cfg.trainable`; the optimizer state is created
+    directly in the shardings of the parameters it tracks."""
+    trainable, frozen = optim.split_trainable(dict(params), step_cfg.trainable)
     if not trainable:
         raise ValueError(
             f"train.trainable {list(step_cfg.trainable)} matches no parameter; paths look like "
-            f"{sorted(flat)[:3]}"
+            f"{sorted(params)[:3]}"
         )
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sharding = {k: v.sharding for k, v in trainable.items()}
@@ -155,34 +93,48 @@ def _microbatches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def make_train_step(model: BLSPKD, step_cfg: StepConfig, tx: optax.GradientTransformation):
-    """train_step(state, batch, rng) -> (state, metrics). Gradient accumulation over
-    `grad_accum_steps` micro-batches (mean of their gradients); a non-finite loss or gradient
-    leaves the state unchanged and reports `skipped = 1`."""
+def make_grad_fn(model: BLSPKD, step_cfg: StepConfig):
+    """grad_fn(trainable, frozen, batch, rng) -> (grads, metrics): the gradients of the loss with
+    respect to the trainable parameters, averaged over `grad_accum_steps` micro-batches (the batch
+    split in order along its first axis; micro-batch i draws dropout from `fold_in(rng, i)`, the
+    first from `rng`). Losses in `metrics` are averaged the same way, counts summed."""
 
     def loss_fn(trainable, frozen, batch, rng):
         params = optim.unflatten({**trainable, **frozen})
         return compute_losses(model, params, batch, step_cfg.loss, rng=rng, deterministic=False)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
+    def grad_fn(trainable, frozen, batch, rng):
         n = step_cfg.grad_accum_steps
         micro = _microbatches(batch, n)
         first = jax.tree.map(lambda x: x[0], micro)
-        (_, metrics), grads = grad_fn(state.trainable, state.frozen, first, rng)
+        (_, metrics), grads = value_and_grad(trainable, frozen, first, rng)
         if n > 1:
 
             def body(acc, xs):
                 mb, i = xs
-                (_, m), g = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i))
+                (_, m), g = value_and_grad(trainable, frozen, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, acc, (g, m)), None
 
             rest = jax.tree.map(lambda x: x[1:], micro)
             (grads, metrics), _ = jax.lax.scan(body, (grads, metrics), (rest, jnp.arange(1, n)))
             grads = jax.tree.map(lambda g: g / n, grads)
             metrics = {k: v if k in SUMMED_METRICS else v / n for k, v in metrics.items()}
+        return grads, metrics
+
+    return grad_fn
+
+
+def make_train_step(model: BLSPKD, step_cfg: StepConfig, tx: optax.GradientTransformation):
+    """train_step(state, batch, rng) -> (state, metrics): `make_grad_fn`'s gradients, then one
+    optimizer update; a non-finite loss or gradient leaves the state unchanged and reports
+    `skipped = 1`."""
+    grad_fn = make_grad_fn(model, step_cfg)
+
+    def train_step(state: TrainState, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        grads, metrics = grad_fn(state.trainable, state.frozen, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -208,7 +160,7 @@ def compile_train_step(
     Returns (compiled step, stats) with stats = {"flops", "temp_bytes", "argument_bytes", ...}
     read from XLA's cost and memory analysis (-1 where the backend does not report them).
     """
-    b_shard = {k: batch_sharding(mesh, len(v.shape)) for k, v in abstract_batch.items()}
+    b_shard = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in abstract_batch.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(
         train_step,

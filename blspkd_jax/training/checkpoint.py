@@ -11,6 +11,7 @@ previous checkpoint intact and loadable.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,29 @@ def restore(mngr, state, step: int | None = None):
     return state, dict(out["data"] or {})
 
 
-def restore_trainable(mngr, step: int, shardings) -> dict:
-    """The trainable parameters saved at `step` of another run (e.g. stage 1 for stage 2), each
-    restored with the sharding this run gives the same path (replicated where it has none)."""
-    flat_shard = {**shardings.trainable, **shardings.frozen}
-    mesh = next(iter(flat_shard.values())).mesh
+def restore_trainable(mngr, step: int, shardings: Mapping[str, jax.sharding.NamedSharding]) -> dict:
+    """The trainable parameters saved at `step` (this run's, or another run's: stage 1 for stage
+    2), flat, each restored with the sharding `shardings` gives its path (replicated where it
+    gives none: a parameter the caller's model does not have, which it reports)."""
+    mesh = next(iter(shardings.values())).mesh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     meta = mngr.item_metadata(step)["state"]
 
     def target(path, m):
         key = path[-1].key if path and hasattr(path[-1], "key") else None
         in_trainable = len(path) == 2 and getattr(path[0], "key", None) == "trainable"
-        sharding = flat_shard.get(key, replicated) if in_trainable else replicated
+        sharding = shardings.get(key, replicated) if in_trainable else replicated
         return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
 
     abstract = jax.tree_util.tree_map_with_path(target, meta)
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return dict(out["state"]["trainable"])
+
+
+def steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps with a complete checkpoint under `workdir/checkpoints` (orbax renames a step's folder
+    into place only once it is fully written, so a bare integer name is a finished save)."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())

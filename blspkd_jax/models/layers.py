@@ -1,5 +1,6 @@
 """Building blocks shared by the encoder, the adapter and the LLM: the layer stack (looped or
-`nn.scan`ned, with a remat policy) and the parameter helpers that attach logical axis names.
+`nn.scan`ned, with a remat policy), dense and RMSNorm layers with logical axis names, and the
+parameter-tree helpers every Hugging Face name table uses.
 
 `nn.scan` and remat are one switch each and never change outputs: tests hold looped == scanned ==
 rematerialised. Scanned parameters carry a leading "layers" axis under one `layers` subtree;
@@ -27,6 +28,37 @@ def param(module: nn.Module, name: str, init, shape, names, dtype=jnp.float32):
     """`module.param` with logical axis names attached (one name per dimension)."""
     assert len(names) == len(shape), (name, shape, names)
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def dense(features, names, dtype, param_dtype, name, use_bias=True):
+    """nn.Dense (LeCun-normal kernel, zero bias) with logical axis names on the kernel [in, out]
+    and the bias [out]; the encoder and the CFormer build every projection with it."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis: statistics in float32, scale applied in the compute dtype."""
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param(
+            self, "scale", nn.initializers.ones_init(), (x.shape[-1],), ("norm",), self.param_dtype
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
 
 
 class Stack(nn.Module):
@@ -97,3 +129,31 @@ def unstack_layers(tree: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
     for i in range(num_layers):
         out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter trees and Hugging Face layouts. Each module keeps its own table of Hugging Face names
+# beside its parameters; these helpers are what every table uses.
+
+# How a tensor's layout changes from Hugging Face (PyTorch) to ours: a torch Linear weight is
+# [out, in] where our kernel is [in, out]; a Conv1d weight [out, in, k] is ours [k, in, out]. Both
+# changes are their own inverse, so one table serves both directions.
+LAYOUT = {
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 1, 0),
+    None: lambda a: a,
+}
+
+
+def tree_get(tree, path):
+    """`tree[path[0]][path[1]]...` for a nested dict of parameters."""
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def tree_set(tree, path, value):
+    """Set `tree[path[0]]...[path[-1]] = value`, creating the dicts on the way."""
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value

@@ -1,7 +1,8 @@
-"""From a training config to the model: the BLSP-KD config, its pretrained weights, its tokenizer.
+"""From a run's config to its model: the BLSP-KD model config, the loss config, the tokenizer.
 
 Shared by training, generation, evaluation and export, so every entry point rebuilds exactly the
-model a run trained. An empty `hf_path` means random initialisation from the config's own sizes.
+model a run trained (its weights come from `weights.assemble_params`). An empty `hf_path` means
+random initialisation from the config's own sizes.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-import numpy as np
 
-from blspkd_jax import hf, optim
-from blspkd_jax.adapter import CFormerConfig
-from blspkd_jax.encoder import HF_CONFIG_KEYS as ENCODER_SIZE_KEYS
-from blspkd_jax.encoder import WhisperEncoderConfig
-from blspkd_jax.llm import LLMConfig
-from blspkd_jax.model import BLSPKDConfig, LossConfig
+from blspkd_jax.models import hf
+from blspkd_jax.models.adapter import CFormerConfig
+from blspkd_jax.models.blspkd import BLSPKDConfig
+from blspkd_jax.models.encoder import HF_CONFIG_KEYS as ENCODER_SIZE_KEYS
+from blspkd_jax.models.encoder import WhisperEncoderConfig
+from blspkd_jax.models.llm_config import LLMConfig
+from blspkd_jax.training.objective import LossConfig
 
 LLM_SIZE_KEYS = (
     "model_type",
@@ -87,25 +88,6 @@ def model_config(config: ml_collections.ConfigDict) -> BLSPKDConfig:
         remat=a.remat,
     )
     return BLSPKDConfig(encoder=enc, adapter=adapter, llm=llm)
-
-
-def pretrained_weights(
-    config: ml_collections.ConfigDict, model_cfg: BLSPKDConfig
-) -> dict[str, np.ndarray]:
-    """Flat {"encoder/...": array, "llm/...": array} for every part loaded from Hugging Face."""
-    from blspkd_jax import encoder, llm
-
-    out: dict[str, np.ndarray] = {}
-    if config.model.encoder.hf_path:
-        sd = hf.read_state_dict(config.model.encoder.hf_path)
-        params = encoder.params_from_hf(model_cfg.encoder, sd)
-        out.update({f"encoder/{k}": v for k, v in optim.flatten(params).items()})
-    if config.model.llm.hf_path:
-        sd = hf.read_state_dict(config.model.llm.hf_path)
-        base = dataclasses.replace(model_cfg.llm, lora_rank=0)
-        params = llm.params_from_hf(base, sd)
-        out.update({f"llm/{k}": v for k, v in optim.flatten(params).items()})
-    return out
 
 
 def tokenizer_path(config: ml_collections.ConfigDict) -> str:

@@ -20,9 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-from blspkd_jax import config as config_lib
+from transformers import AutoTokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+from blspkd_jax.data.manifest import read_rows
+from blspkd_jax.demo import asr_encoder, teacher
+from blspkd_jax.demo.corpus import build_corpus as build_speech_corpus
+from blspkd_jax.demo.sentences import load_sentences
+from blspkd_jax.inference import evaluate, export, labels, workdir
+from blspkd_jax.models import hf
+from blspkd_jax.training import config as config_lib
+from blspkd_jax.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("blspkd_jax.demo")
 
 
@@ -32,15 +41,10 @@ def stage(name: str):
 
 
 def build_corpus(out: Path, num_sentences: int):
-    from blspkd_jax.data.corpus import build_corpus
-
-    return build_corpus(out, num_sentences=num_sentences, seed=0)
+    return build_speech_corpus(out, num_sentences=num_sentences, seed=0)
 
 
 def train_teacher(corpus: Path, out: Path, steps: int | None):
-    from blspkd_jax import teacher
-    from blspkd_jax.data.sentences import load_sentences
-
     summary_file = out / teacher.SUMMARY_FILE
     if summary_file.exists():
         return json.loads(summary_file.read_text())
@@ -51,8 +55,6 @@ def train_teacher(corpus: Path, out: Path, steps: int | None):
 
 
 def pretrain_encoder(corpus: Path, out: Path, steps: int | None):
-    from blspkd_jax import asr_encoder
-
     cfg = asr_encoder.AsrEncoderConfig(**({"steps": steps} if steps else {}))
     return asr_encoder.pretrain_encoder(
         corpus / "train.jsonl", out, eval_manifest=corpus / "eval.jsonl", cfg=cfg
@@ -60,10 +62,6 @@ def pretrain_encoder(corpus: Path, out: Path, steps: int | None):
 
 
 def write_labels(corpus: Path, teacher_dir: Path, out_dir: Path, instruction: str):
-    from transformers import AutoTokenizer
-
-    from blspkd_jax import hf, labels
-
     module, params = hf.load_llm(teacher_dir)
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,13 +80,6 @@ def write_labels(corpus: Path, teacher_dir: Path, out_dir: Path, instruction: st
             max_new_tokens=48,
         )
         out[split] = target
-    # Labelled rows keep the corpus's relative audio paths: point them at the corpus folder.
-    for path in out.values():
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        for r in rows:
-            if not Path(r["audio"]).is_absolute():
-                r["audio"] = str((corpus / r["audio"]).resolve())
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
@@ -107,8 +98,6 @@ def run_config(variant: str, manifests: dict, teacher_dir: Path, overrides: list
 
 
 def train(config, workdir: Path):
-    from blspkd_jax.train import Trainer
-
     trainer = Trainer(config, workdir)
     if int(trainer.state.step) >= config.total_steps and (workdir / "metrics.jsonl").exists():
         return
@@ -127,8 +116,6 @@ def main(argv=None) -> int:
     args, extra = ap.parse_known_args(argv)
     overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from blspkd_jax import teacher
-
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -199,18 +186,14 @@ def main(argv=None) -> int:
 
 def export_and_verify(root: Path, eval_manifest: Path, rows: int = 4) -> str:
     """Export stage 2, reload it with transformers, compare greedy text with JAX on a few rows."""
-    from blspkd_jax import export, generate, workdir
-
     run = workdir.load_run(root / "stage2")
     out = export.export_run(root / "stage2", root / "hf", run=run)
-    pairs = export.verify_export(out, run, generate.read_rows(eval_manifest)[:rows])
+    pairs = export.verify_export(out, run, read_rows(eval_manifest)[:rows])
     same = sum(a == b for a, b in pairs)
     return f"{same}/{len(pairs)} held-out utterances ({out})"
 
 
 def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: int) -> str:
-    from blspkd_jax import evaluate, teacher, workdir
-
     rows = {}
     for name in ("untrained", "stage1", "stage2"):
         run = workdir.load_run(root / name)

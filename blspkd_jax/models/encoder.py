@@ -13,8 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blspkd_jax import hf
-from blspkd_jax.layers import Stack, stack_layers, unstack_layers
+from blspkd_jax.models.layers import (
+    LAYOUT,
+    Stack,
+    dense,
+    stack_layers,
+    tree_get,
+    tree_set,
+    unstack_layers,
+)
 
 # Whisper's LayerNorms are torch.nn.LayerNorm with its default eps.
 LN_EPS = 1e-5
@@ -22,20 +29,6 @@ LN_EPS = 1e-5
 
 def _init(init, names):
     return nn.with_logical_partitioning(init, names)
-
-
-def _dense(features, names, dtype, param_dtype, name, use_bias=True):
-    """nn.Dense with logical axis names on the kernel [in, out] and the bias [out]."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=_init(nn.initializers.lecun_normal(), names),
-        bias_init=_init(nn.initializers.zeros_init(), names[-1:]),
-        precision=None,
-        name=name,
-    )
 
 
 def _layer_norm(dtype, param_dtype, name):
@@ -72,13 +65,13 @@ class WhisperAttention(nn.Module):
             )
         B, T, _ = x.shape
         hd = self.d_model // self.num_heads
-        dense = lambda name, bias=True: _dense(
+        proj = lambda name, bias=True: dense(
             self.d_model, ("embed", "heads"), self.dtype, self.param_dtype, name, bias
         )
         # Whisper scales q once, before the product (and the key projection has no bias).
-        q = dense("q_proj")(x) * jnp.asarray(hd**-0.5, self.dtype)
-        k = dense("k_proj", bias=False)(x)
-        v = dense("v_proj")(x)
+        q = proj("q_proj")(x) * jnp.asarray(hd**-0.5, self.dtype)
+        k = proj("k_proj", bias=False)(x)
+        v = proj("v_proj")(x)
         q, k, v = (a.reshape(B, T, self.num_heads, hd) for a in (q, k, v))
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_heads", None))
@@ -94,7 +87,7 @@ class WhisperAttention(nn.Module):
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
         o = jnp.einsum("bhqk,bhkd->bhqd", p, v)
         o = jnp.swapaxes(o, 1, 2).reshape(B, T, self.d_model)
-        return _dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(o)
+        return dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(o)
 
 
 class WhisperLayer(nn.Module):
@@ -117,9 +110,9 @@ class WhisperLayer(nn.Module):
         h = WhisperAttention(self.d_model, self.num_heads, dt, pdt, name="self_attn")(h, mask)
         x = x + h
         h = _layer_norm(dt, pdt, "final_layer_norm")(x)
-        h = _gelu(_dense(self.ffn_dim, ("embed", "mlp"), dt, pdt, "fc1")(h))
+        h = _gelu(dense(self.ffn_dim, ("embed", "mlp"), dt, pdt, "fc1")(h))
         h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
-        h = _dense(self.d_model, ("mlp", "embed"), dt, pdt, "fc2")(h)
+        h = dense(self.d_model, ("mlp", "embed"), dt, pdt, "fc2")(h)
         x = x + h
         return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
@@ -360,7 +353,6 @@ HF_LAYER: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
 # "encoder."; `WhisperForConditionalGeneration` under "model.encoder.".
 HF_PREFIXES = ("model.encoder.", "encoder.", "")
 
-# Both layout changes are their own inverse, so one table serves both directions.
 # First components of the encoder's own HF names (to spot tensors the config does not describe).
 _OWN = {"conv1", "conv2", "embed_positions", "layers", "layer_norm"}
 
@@ -409,14 +401,14 @@ def params_from_hf(config: WhisperEncoderConfig, state_dict: Mapping[str, Any]) 
         )
     params: dict = {}
     for h, path, layout in rows:
-        a = hf.LAYOUT[layout](np.asarray(state_dict[prefix + h]))
-        want = hf.tree_get(expected, path).shape
+        a = LAYOUT[layout](np.asarray(state_dict[prefix + h]))
+        want = tree_get(expected, path).shape
         if a.shape != want:
             raise ValueError(
                 f"checkpoint tensor {prefix + h!r} has shape {a.shape} after conversion but the "
                 f"config expects {want}; check config.json"
             )
-        hf.tree_set(params, path, jnp.asarray(a, dtype=config.param_dtype))
+        tree_set(params, path, jnp.asarray(a, dtype=config.param_dtype))
     if config.scan_layers:
         params["layers"] = stack_layers(params["layers"], config.encoder_layers)
     return params
@@ -431,5 +423,5 @@ def params_to_hf(config: WhisperEncoderConfig, params: Mapping[str, Any]) -> dic
         params["layers"] = unstack_layers(params["layers"], config.encoder_layers)
     out = {}
     for h, path, layout in _hf_rows(config):
-        out[h] = np.ascontiguousarray(hf.LAYOUT[layout](np.asarray(hf.tree_get(params, path))))
+        out[h] = np.ascontiguousarray(LAYOUT[layout](np.asarray(tree_get(params, path))))
     return out

@@ -46,21 +46,27 @@ def decays(path: str, leaf) -> bool:
 def learning_rate_schedule(
     peak: float, warmup_steps: int, total_steps: int, decay: str = "cosine", end_factor: float = 0.0
 ) -> optax.Schedule:
-    """Linear warmup to `peak`, then cosine or linear decay to `peak * end_factor` (or constant)."""
-    warmup_steps = max(0, min(warmup_steps, total_steps))
-    rest = max(1, total_steps - warmup_steps)
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine or linear decay to
+    `peak * end_factor` at `total_steps`, or constant: optax's schedules."""
+    warmup = max(0, min(warmup_steps, total_steps))
+    end = peak * end_factor
     if decay == "cosine":
-        after = optax.cosine_decay_schedule(peak, rest, alpha=end_factor)
-    elif decay == "linear":
-        after = optax.linear_schedule(peak, peak * end_factor, rest)
-    elif decay == "constant":
-        after = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"optim.decay: expected 'cosine', 'linear' or 'constant', got {decay!r}")
-    if warmup_steps == 0:
-        return after
-    warm = optax.linear_schedule(0.0, peak, warmup_steps)
-    return optax.join_schedules([warm, after], [warmup_steps])
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(total_steps, warmup + 1), end
+        )
+    if decay == "constant":
+        # optax's warmup_constant_schedule stays at 0 when there is no warmup.
+        return (
+            optax.warmup_constant_schedule(0.0, peak, warmup)
+            if warmup
+            else optax.constant_schedule(peak)
+        )
+    if decay == "linear":
+        # optax has no warmup-then-linear-decay in one call: its two linear pieces, joined.
+        rest = max(1, total_steps - warmup)
+        pieces = [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, end, rest)]
+        return optax.join_schedules(pieces, [warmup])
+    raise ValueError(f"optim.decay: expected 'cosine', 'linear' or 'constant', got {decay!r}")
 
 
 def make_optimizer(

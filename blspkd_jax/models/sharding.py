@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch is split over these; every device of a tensor group sees it
 
 # Logical name -> mesh axis (or axes, or None for replicated).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -109,3 +110,27 @@ def activate(mesh: Mesh, rules=RULES):
     """
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-leading arrays split over data x fsdp, replicated over tensor."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of the batch -> global arrays sharded over data x fsdp.
+
+    Each process passes only its own slice (rows in process order); the global batch is the
+    concatenation over processes, assembled without any process holding all of it.
+    """
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in local.items()
+    }
+
+
+def shard_host_array(x, target: NamedSharding) -> jax.Array:
+    """Place a host (numpy or memmap) array into `target` shards, each process reading only its
+    own slices (works for multi-host: no process needs the whole array on device)."""
+    x = np.asarray(x) if not hasattr(x, "__getitem__") else x
+    return jax.make_array_from_callback(x.shape, target, lambda idx: np.asarray(x[idx]))

@@ -1,0 +1,257 @@
+"""Autoregressive generation with the LLM's KV cache: text prompts (ids) or speech prompts
+(embeddings with PLoRA at the speech positions), greedy or temperature/top-p sampling.
+
+One call is one jit-compiled program: a prefill over the whole left-padded prompt, then a
+`lax.while_loop` of one-token decode steps that exits as soon as every row has stopped. It compiles
+once per (batch, prompt length, max_new_tokens) shape, so callers pad prompts to `bucket_length`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blspkd_jax.data.layout import ChatLayout
+from blspkd_jax.models.llm import LLM, init_cache
+
+MIN_BUCKET = 16
+
+
+def token_ids(eos) -> tuple[int, ...]:
+    """An id, a list of ids or None, as a tuple of ints."""
+    if eos is None:
+        return ()
+    if isinstance(eos, int | np.integer):
+        return (int(eos),)
+    return tuple(int(t) for t in eos)
+
+
+def default_pad_id(config, stop_ids: Sequence[int]) -> int:
+    """transformers' rule for the fill after a row stops: pad_token_id, else the first eos."""
+    if config.pad_token_id is not None:
+        return int(config.pad_token_id)
+    return int(stop_ids[0]) if stop_ids else 0
+
+
+def select_token(logits, key, temperature, top_p, sample: bool):
+    """Next token `[B]` from logits `[B, V]`: argmax, or a draw from `softmax(logits / temperature)`
+    restricted to the top-p nucleus (the fewest most-probable tokens whose mass reaches `top_p`;
+    the most probable token is always kept)."""
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(desc, axis=-1)
+    # A token is in the nucleus when the mass strictly above it is still short of top_p.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    keep = keep.at[:, 0].set(True)
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _head(llm: LLM, hidden):
+    """The LLM's output head on `[B, L, H]` (tied or not), as the module computes it."""
+    if llm.config.tie_word_embeddings:
+        return llm.embed_tokens.attend(hidden)
+    return llm.lm_head(hidden)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("module", "max_new_tokens", "stop_ids", "pad_id", "sample", "embeds"),
+)
+def _generate(
+    params,
+    prompt,
+    attention_mask,
+    lora_mask,
+    temperature,
+    top_p,
+    rng,
+    *,
+    module: LLM,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    sample: bool,
+    embeds: bool,
+):
+    B, P = attention_mask.shape
+    N = max_new_tokens
+    # The last generated token is never fed back, so the cache needs P + N - 1 slots.
+    cache = init_cache(module.config, B, P + N - 1)
+    prompt_kw = {"inputs_embeds": prompt} if embeds else {"input_ids": prompt}
+    hidden, v = module.apply(
+        {"params": params, "cache": cache},
+        **prompt_kw,
+        attention_mask=attention_mask,
+        lora_mask=lora_mask,  # PLoRA at the prompt's speech positions, prefill only
+        return_hidden=True,
+        decode=True,
+        mutable=["cache"],
+    )
+    # Only the last prompt position predicts anything: never build [B, P, V] logits.
+    logits = module.apply({"params": params}, hidden[:, -1:], method=_head)[:, 0]
+
+    stops = jnp.asarray(stop_ids, jnp.int32)
+    is_stop = lambda t: (t[:, None] == stops[None, :]).any(-1)
+    alive = attention_mask.any(-1)  # an all-padding row (batch filler) generates nothing
+    token = select_token(logits, jax.random.fold_in(rng, 0), temperature, top_p, sample)
+    token = jnp.where(alive, token, pad_id)
+    done = ~alive | is_stop(token)
+    out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(token)
+    feed_mask = jnp.ones((B, 1), jnp.int32)
+
+    def cond(state):
+        i, _, done, _, _ = state
+        return (i < N) & ~done.all()
+
+    def body(state):
+        i, token, done, out, cache = state
+        logits, v = module.apply(
+            {"params": params, "cache": cache},
+            token[:, None],
+            attention_mask=feed_mask,
+            decode=True,
+            mutable=["cache"],
+        )
+        nxt = select_token(logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p, sample)
+        nxt = jnp.where(done, pad_id, nxt)  # transformers' fill after a row has stopped
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, done | is_stop(nxt), out, v["cache"]
+
+    state = (jnp.ones((), jnp.int32), token, done, out, v["cache"])
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def generate(
+    module: LLM,
+    params,
+    *,
+    input_ids=None,
+    inputs_embeds=None,
+    attention_mask=None,
+    lora_mask=None,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng=None,
+) -> jax.Array:
+    """New tokens `[B, max_new_tokens]` int32 after a left-padded prompt.
+
+    - Prompt: `input_ids [B, L]` (text) or `inputs_embeds [B, L, H]` (e.g. a text prompt with CIF
+      vectors spliced in) plus `lora_mask [B, L]`, 1 at the speech positions: PLoRA is on there
+      during the prefill and off for every generated token.
+    - `attention_mask [B, L]`: 1 = token, 0 = left padding (default all ones). A row with no token
+      at all is batch filler: it generates only `pad_token_id`.
+    - Stops a row at any id of `eos_token_id` (None: the module config's eos; `()` never stops);
+      positions after a stop hold `pad_token_id` (None: the config's pad, else the first eos, else
+      0), as transformers' generate does. The loop ends when every row has stopped.
+    - `temperature == 0` is greedy (argmax); `temperature > 0` samples from the tempered softmax
+      restricted to the top-p nucleus, which needs `rng` (a jax.random key).
+    """
+    config = module.config
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(
+            "generate: pass exactly one of input_ids [B, L] and inputs_embeds [B, L, H]"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(
+            f"generate: temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]"
+        )
+    sample = temperature > 0
+    if sample and rng is None:
+        raise ValueError("generate: sampling (temperature > 0) needs rng, a jax.random key")
+    prompt = jnp.asarray(input_ids if inputs_embeds is None else inputs_embeds)
+    B, L = prompt.shape[:2]
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, L), jnp.int32)
+    elif not isinstance(attention_mask, jax.core.Tracer):
+        m = np.asarray(attention_mask).astype(np.int32)
+        if m.shape != (B, L) or np.any(np.diff(m, axis=-1) < 0):
+            raise ValueError(
+                f"generate: attention_mask {m.shape} must be [B, L] = {(B, L)} and left-padded "
+                "(zeros before ones in every row)"
+            )
+    if lora_mask is not None and not config.lora_rank:
+        raise ValueError("generate: lora_mask given but the LLM config has lora_rank 0 (no PLoRA)")
+    stop_ids = token_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
+    pad_id = default_pad_id(config, stop_ids) if pad_token_id is None else int(pad_token_id)
+    return _generate(
+        nn.unbox(params),
+        prompt,
+        jnp.asarray(attention_mask),
+        None if lora_mask is None else jnp.asarray(lora_mask),
+        jnp.float32(max(temperature, 1e-6)),  # only divides when sampling
+        jnp.float32(top_p),
+        jax.random.key(0) if rng is None else rng,
+        module=module,
+        max_new_tokens=int(max_new_tokens),
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        sample=sample,
+        embeds=inputs_embeds is not None,
+    )
+
+
+def greedy(
+    module: LLM,
+    params,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    attention_mask=None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> jax.Array:
+    """Prompt and greedy continuation, `[B, L + max_new_tokens]` (SPEC section 8).
+
+    The same ids as transformers' `generate(do_sample=False)` for that model on left-padded
+    prompts: `eos_token_id` None means the model config's eos; after a row's eos come pad ids
+    (the config's pad, else the first eos), also once every row has stopped early.
+    """
+    new = generate(
+        module,
+        params,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+    )
+    return jnp.concatenate([jnp.asarray(input_ids, jnp.int32), new], axis=1)
+
+
+def bucket_length(n: int) -> int:
+    """Padded prompt length: the next power of two (at least `MIN_BUCKET`), so that jit compiles
+    one program per bucket rather than one per prompt length."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def stop_token_ids(
+    eos_token_id, tokenizer, layout: ChatLayout, instruction: str | None
+) -> tuple[int, ...]:
+    """Every id that ends the assistant turn: the template's end-of-turn token, the tokenizer's
+    eos and the LLM config's `eos_token_id` (Llama 3 instruct models end turns with <|eot_id|>,
+    not eos)."""
+    ids = {layout.template(instruction).suffix[-1]}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    ids.update(token_ids(eos_token_id))
+    return tuple(sorted(ids))
+
+
+def decode_response(tokenizer, new_ids, stop_ids: Sequence[int]) -> str:
+    """New tokens up to the first stop id, decoded without special tokens and stripped."""
+    toks = [int(t) for t in new_ids]
+    stops = set(stop_ids)
+    cut = next((k for k, t in enumerate(toks) if t in stops), len(toks))
+    return tokenizer.decode(toks[:cut], skip_special_tokens=True).strip()

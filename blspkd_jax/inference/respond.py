@@ -1,0 +1,288 @@
+"""Responses from a trained run: speech prompts (the CFormer's vectors spliced into the chat
+template where the transcript would be) and, for comparison, the transcript's text prompts, both
+decoded greedily in batches of similar length (what `python -m blspkd_jax.generate speech`,
+evaluation and the export check run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from blspkd_jax.data import audio as audio_lib
+from blspkd_jax.data.features import log_mel, pad_features
+from blspkd_jax.data.layout import text_ids
+from blspkd_jax.data.manifest import DataError
+from blspkd_jax.inference.generate import bucket_length, decode_response, generate, stop_token_ids
+from blspkd_jax.models.blspkd import BLSPKD, splice_speech
+from blspkd_jax.models.llm import LLM
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded generation prompts `[B, P]`: the prompt part of the training layout (system
+    turn, user turn = instruction + transcript-or-speech, assistant header)."""
+
+    input_ids: np.ndarray  # int32; speech slots and padding hold the layout's pad id
+    attention_mask: np.ndarray  # bool: False = left padding; an all-False row is batch filler
+    speech_mask: np.ndarray  # bool: the speech slots (the speech vectors go here, PLoRA on)
+
+
+def build_prompts(
+    layout, spans: Sequence, instructions: Sequence[str | None] | None = None, *, batch_size=None
+) -> PromptBatch:
+    """Prompts from the layout's template pieces around each row's span.
+
+    `spans[b]` is an int N (N speech slots: inference's CIF length, which varies per row) or a
+    sequence of token ids (a text prompt). `instructions[b]` None means the layout's default.
+    The length is `generate.bucket_length` of the longest; rows beyond `len(spans)` up to
+    `batch_size` are filler (no tokens).
+    """
+    instructions = [None] * len(spans) if instructions is None else list(instructions)
+    B = len(spans) if batch_size is None else batch_size
+    if len(spans) > B or len(instructions) != len(spans):
+        raise ValueError(
+            f"build_prompts: {len(spans)} spans, {len(instructions)} instructions, batch {B}"
+        )
+    pieces = []
+    for span, ins in zip(spans, instructions, strict=True):
+        t = layout.template(ins)
+        speech = isinstance(span, int | np.integer)
+        mid = [layout.pad_id] * int(span) if speech else [int(i) for i in span]
+        ids = [*t.prefix, *mid, *t.middle]
+        mask = [False] * len(t.prefix) + [speech] * len(mid) + [False] * len(t.middle)
+        pieces.append((ids, mask))
+    P = bucket_length(max((len(ids) for ids, _ in pieces), default=1))
+    out = PromptBatch(
+        input_ids=np.full((B, P), layout.pad_id, np.int32),
+        attention_mask=np.zeros((B, P), bool),
+        speech_mask=np.zeros((B, P), bool),
+    )
+    for b, (ids, mask) in enumerate(pieces):
+        out.input_ids[b, P - len(ids) :] = ids
+        out.attention_mask[b, P - len(ids) :] = True
+        out.speech_mask[b, P - len(ids) :] = mask
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _speech_vectors(params, features, feature_mask, *, model: BLSPKD):
+    tokens, token_mask, _ = model.apply(
+        {"params": params}, features, feature_mask, method=BLSPKD.speech
+    )
+    return tokens, token_mask.sum(-1)
+
+
+def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
+    """Encoder + CFormer in inference mode (no target lengths: CIF emits
+    `N_b = max(1, round(sum(alpha_b)))` vectors, at most `model.adapter.max_tokens`).
+
+    log-mel `[B, n_mels, F]`, mask `[B, F]` -> (vectors `[B, max_tokens, H]`, N `[B]` int).
+    """
+    tokens, counts = _speech_vectors(
+        run.params, jnp.asarray(features), jnp.asarray(feature_mask), model=run.model
+    )
+    return tokens, np.asarray(counts)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _splice(params, input_ids, speech_mask, vectors, *, module: LLM):
+    text = module.apply({"params": params}, input_ids, method=LLM.embed)
+    return splice_speech(text, vectors, speech_mask)
+
+
+def generate_from_prompts(
+    run,
+    prompts: PromptBatch,
+    vectors=None,
+    *,
+    lora: bool = True,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+) -> np.ndarray:
+    """Greedy new tokens `[B, max_new_tokens]` for a prompt batch.
+
+    With `vectors [B, N, H]`, the k-th speech slot of row b gets `vectors[b, k]` and PLoRA is on
+    at the speech slots (`lora=False` switches it off: the base LLM); without, the prompt's ids
+    are read as text.
+    """
+    llm_cfg = run.model.config.llm
+    module = LLM(llm_cfg)
+    kw = dict(
+        attention_mask=jnp.asarray(prompts.attention_mask),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tuple(stop_ids),
+        pad_token_id=run.layout.pad_id,
+    )
+    if vectors is None:
+        return np.asarray(generate(module, run.llm_params, input_ids=prompts.input_ids, **kw))
+    embeds = _splice(
+        run.llm_params,
+        jnp.asarray(prompts.input_ids),
+        jnp.asarray(prompts.speech_mask),
+        jnp.asarray(vectors),
+        module=module,
+    )
+    lora_mask = jnp.asarray(prompts.speech_mask) if lora and llm_cfg.lora_rank else None
+    return np.asarray(
+        generate(module, run.llm_params, inputs_embeds=embeds, lora_mask=lora_mask, **kw)
+    )
+
+
+def stop_ids_for(run, instructions: Sequence[str | None]) -> tuple[int, ...]:
+    """Every id that ends the assistant turn under any of these instructions (the template's
+    end-of-turn token, the tokenizer's and the LLM config's eos), as `labels` uses."""
+    ids: set[int] = set()
+    for ins in set(instructions) or {None}:
+        ids.update(
+            stop_token_ids(run.model.config.llm.eos_token_id, run.tokenizer, run.layout, ins)
+        )
+    return tuple(sorted(ids))
+
+
+def _instructions(rows, instruction: str | None) -> list[str | None]:
+    """`instruction` overrides every row's; else the row's own; else None (the run's default)."""
+    return [instruction if instruction is not None else r.instruction for r in rows]
+
+
+def frame_bucket(run, frames: int) -> int:
+    """Mel frames to pad a batch to: the encoder's full window in 30 s mode, else the smallest
+    of the run's `data.frame_buckets` that fits (else the encoder's window)."""
+    enc = run.model.config.encoder
+    window = 2 * enc.max_source_positions
+    if frames > window:
+        raise ValueError(
+            f"{frames} mel frames ({frames / 100:.2f} s) exceed the encoder's window of "
+            f"{window} frames (model.encoder.max_source_positions={enc.max_source_positions})"
+        )
+    if enc.pad_to_30s:
+        return window
+    return next((int(f) for f in run.config.data.frame_buckets if f >= frames), window)
+
+
+def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
+    """Decode rows' audio (any format, resampled to 16 kHz mono) to padded log-mels
+    `([B, n_mels, F], mask [B, F])`, as the training pipeline pads them."""
+    n_mels = run.model.config.encoder.num_mel_bins
+    feats = []
+    for r in rows:
+        try:
+            f = log_mel(audio_lib.load(r.audio, r.offset, r.duration), n_mels)
+            frame_bucket(run, f.shape[1])  # raises for audio beyond the encoder's window
+        except ValueError as e:  # AudioError, too short for one STFT window, or too long
+            raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
+        feats.append(f)
+    longest = max(f.shape[1] for f in feats)
+    return pad_features(feats, frame_bucket(run, longest))
+
+
+def audio_lengths(rows) -> list[int]:
+    """16 kHz samples of each row's audio from the file headers (cheap: nothing is decoded);
+    a DataError names the first row whose file is missing or unreadable."""
+    lengths = []
+    for r in rows:
+        try:
+            lengths.append(audio_lib.probe(r.audio, r.offset, r.duration).num_samples_16k)
+        except audio_lib.AudioError as e:
+            raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
+    return lengths
+
+
+def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length, so padding and compiled shapes stay few."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _respond(
+    run,
+    rows: list,
+    instruction: str | None,
+    lengths: Callable[[list], Sequence[int]],
+    batch_inputs: Callable[[list[int]], tuple[list, jax.Array | None]],
+    desc: str,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+) -> list[str]:
+    """The batch loop that `speech_responses` and `text_responses` share (their arguments, in
+    their order; `desc` names the progress bar): rows in batches of similar `lengths(rows)`, each
+    batch's prompts (filler rows complete the last), greedy decoding, each row's response decoded
+    up to its first stop id, returned in the rows' order.
+
+    `batch_inputs(idx)` gives the batch's transcript slots (per row of `idx`: token ids, or a count
+    of speech slots) and the speech vectors `[batch_size, N, H]` to splice there (None: text).
+    """
+    instructions = _instructions(rows, instruction)
+    stops = stop_ids_for(run, instructions)
+    out: list[str | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress)
+    for idx in _by_length(lengths(rows), batch_size):
+        slots, vectors = batch_inputs(idx)
+        prompts = build_prompts(
+            run.layout, slots, [instructions[i] for i in idx], batch_size=batch_size
+        )
+        new = generate_from_prompts(
+            run, prompts, vectors, max_new_tokens=max_new_tokens, stop_ids=stops
+        )
+        for j, i in enumerate(idx):
+            out[i] = decode_response(run.tokenizer, new[j], stops)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def speech_responses(
+    run,
+    rows,
+    *,
+    instruction: str | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses to each row's speech (manifest `Row`s, in their order).
+
+    Per batch (rows sorted by audio length, filler rows completing the last): log-mel ->
+    encoder + CFormer in inference mode (N_b vectors) -> a prompt with N_b speech slots where the
+    transcript would be -> spliced embeddings, PLoRA on at those slots during the prefill ->
+    greedy decoding until an end-of-turn token.
+    """
+    rows = list(rows)
+
+    def speech(idx):
+        feats, mask = load_features(run, [rows[i] for i in idx])
+        fill = batch_size - len(idx)  # filler rows repeat row 0's audio; their prompt is empty
+        feats = np.concatenate([feats, np.repeat(feats[:1], fill, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
+        vectors, counts = speech_vectors(run, feats, mask)
+        return [int(n) for n in counts[: len(idx)]], vectors
+
+    args = (max_new_tokens, batch_size, progress)
+    return _respond(run, rows, instruction, audio_lengths, speech, "speech", *args)
+
+
+def text_responses(
+    run,
+    rows,
+    *,
+    instruction: str | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses to each row's transcript (`Row.text`) in the same prompt: what the
+    frozen LLM (PLoRA off) says when it reads the text. Speech and text responses that agree
+    are the exact-match metric (SPEC section 9)."""
+    rows = list(rows)
+    spans = text_ids(run.tokenizer, [r.text for r in rows]) if rows else []
+    lengths = lambda _rows: [len(s) for s in spans]  # tokenized once, above
+    text = lambda idx: ([spans[i] for i in idx], None)
+    args = (max_new_tokens, batch_size, progress)
+    return _respond(run, rows, instruction, lengths, text, "text", *args)

@@ -1,0 +1,286 @@
+"""The training program behind `python -m blspkd_jax.train`: one `Trainer` per run.
+
+Builds the mesh, the sharded state (restoring the latest checkpoint in the workdir if there is
+one), the grain pipeline, and runs the compiled step with logging (progress bar, metrics.jsonl,
+TensorBoard), periodic evaluation and checkpoints. Rerunning resumes exactly: the data iterator's
+position is checkpointed with the state. A preemption (SIGTERM, agreed on by every process
+through orbax) or Ctrl-C saves and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from blspkd_jax.data.pipeline import DataConfig, eval_pipeline, train_pipeline
+from blspkd_jax.models import sharding
+from blspkd_jax.models.blspkd import BLSPKD, example_batch
+from blspkd_jax.training import build, checkpoint, optim, train_state, weights
+from blspkd_jax.training import config as config_lib
+from blspkd_jax.training.objective import consistency
+
+log = logging.getLogger("blspkd_jax.train")
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboardX is a requirement
+                log.warning("tensorboardX not installed: no TensorBoard logs")
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{f"{prefix}{k}": v for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """This device's dense matmul FLOP/s in `dtype` (best of `repeats`), measured: the denominator
+    of MFU when no nominal peak is configured."""
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class Trainer:
+    """Everything one run holds; `run()` trains to `total_steps`."""
+
+    def __init__(self, config, workdir: str | Path):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        if self.is_main:
+            config_lib.save_config(config, self.workdir / "config.json")
+
+        self.model_cfg = build.model_config(config)
+        self.model = BLSPKD(self.model_cfg)
+        self.loss_cfg = build.loss_config(config)
+        if config.data.n_mels != self.model_cfg.encoder.num_mel_bins:
+            raise ValueError(
+                f"data.n_mels={config.data.n_mels} but the encoder expects "
+                f"{self.model_cfg.encoder.num_mel_bins} mel bins"
+            )
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        log.info(
+            "%d processes, %d devices, mesh %s",
+            jax.process_count(),
+            jax.device_count(),
+            dict(self.mesh.shape),
+        )
+        self.step_cfg = train_state.StepConfig(
+            trainable=tuple(config.train.trainable),
+            loss=self.loss_cfg,
+            grad_accum_steps=config.grad_accum_steps,
+        )
+        o = config.optim
+        self.tx, self.schedule = optim.make_optimizer(
+            learning_rate=o.learning_rate,
+            warmup_steps=o.warmup_steps,
+            total_steps=config.total_steps,
+            decay=o.decay,
+            end_factor=o.end_factor,
+            weight_decay=o.weight_decay,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            grad_clip_norm=o.grad_clip_norm,
+        )
+
+        self.tokenizer = build.tokenizer_path(config)
+        self.data_cfg = DataConfig.from_config(config, jax.process_count())
+        self.train_data = train_pipeline(self.data_cfg, self.tokenizer, str(self.workdir))
+        self.eval_data = (
+            eval_pipeline(self.data_cfg, self.tokenizer, str(self.workdir))
+            if config.data.eval_manifest
+            else None
+        )
+        max_n = int(config.data.max_text_tokens)
+        if max_n > self.model_cfg.adapter.max_tokens:
+            raise ValueError(
+                f"data.max_text_tokens={max_n} exceeds model.adapter.max_tokens="
+                f"{self.model_cfg.adapter.max_tokens}: CIF could not emit one vector per token"
+            )
+
+        params = weights.assemble_params(config, self.model, self.mesh)
+        self.state, self.state_shardings = train_state.create_state(
+            params, self.mesh, self.step_cfg, self.tx
+        )
+        n_train = optim.count_params(self.state.trainable)
+        n_frozen = optim.count_params(self.state.frozen)
+        log.info("parameters: %d trainable, %d frozen", n_train, n_frozen)
+        self.step_fn = train_state.make_train_step(self.model, self.step_cfg, self.tx)
+        self.compiled: dict[tuple[int, int], object] = {}
+        self.flops_per_step = -1.0
+        self.ckpt = checkpoint.manager(self.workdir, keep=config.keep_checkpoints)
+        self.iterator = iter(self.train_data)
+        restored = checkpoint.restore(self.ckpt, self.state)
+        if restored is not None:
+            self.state, data_state = restored
+            if data_state:
+                self.iterator.set_state(data_state)
+            log.info("resumed from step %d", int(self.state.step))
+
+    def _compiled_step(self, frames: int, tokens: int):
+        key = (frames, tokens)
+        if key not in self.compiled:
+            abstract_state = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state
+            )
+            self.compiled[key], stats = train_state.compile_train_step(
+                self.step_fn,
+                self.state_shardings,
+                self.mesh,
+                abstract_state,
+                example_batch(self.model_cfg, self.config.batch_size, frames, tokens),
+                log=log.info,
+            )
+            # MFU uses the largest bucket's FLOPs as reported; smaller buckets report less work.
+            self.flops_per_step = max(self.flops_per_step, stats["flops"])
+        return self.compiled[key]
+
+    def save(self, force: bool = False) -> None:
+        step = int(self.state.step)
+        if step != self.ckpt.latest_step():  # the end of a run may land on a periodic save
+            checkpoint.save(self.ckpt, self.state, self.iterator.get_state(), force=force)
+
+    def run(self) -> dict:
+        config = self.config
+        writer = MetricWriter(self.workdir, self.is_main)
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):
+            stop["signal"] = signum
+
+        # Several processes must stop at the same step, or the others wait forever in the next
+        # collective: there JAX's preemption service owns SIGTERM and orbax tells every process
+        # the agreed step (`reached_preemption`). One process handles the signal itself.
+        signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
+        old = {s: signal.signal(s, on_signal) for s in signals}
+        peak = config.peak_tflops_per_device * 1e12 or measure_matmul_peak()
+        rng = jax.random.PRNGKey(config.seed)
+        start = int(self.state.step)
+        bar = None
+        if self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step")
+        consecutive_bad, total_skipped = 0, 0
+        last = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            while int(self.state.step) < config.total_steps:
+                batch = next(self.iterator)
+                batch.pop("line", None)
+                F, L = batch["features"].shape[-1], batch["input_ids"].shape[-1]
+                step_fn = self._compiled_step(F, L)
+                gbatch = sharding.global_batch(self.mesh, batch)
+                self.state, metrics = step_fn(self.state, gbatch, rng)
+                step = int(self.state.step)
+                skipped = int(metrics["skipped"])
+                total_skipped += skipped
+                consecutive_bad = consecutive_bad + 1 if skipped else 0
+                window_tokens += int(metrics["num_tokens"])
+                if consecutive_bad >= config.max_consecutive_nonfinite:
+                    self._stop_nonfinite(consecutive_bad, step)
+                if step % config.log_every_steps == 0 or step == config.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    last.update(
+                        learning_rate=float(self.schedule(step - 1)),
+                        tokens_per_sec=window_tokens / elapsed,
+                        steps_per_sec=config.log_every_steps / elapsed,
+                        nonfinite_skipped_total=total_skipped,
+                        data_dropped_at_decode=self.iterator.dropped_at_decode,
+                    )
+                    if self.flops_per_step > 0:
+                        step_time = elapsed / config.log_every_steps
+                        last["mfu"] = self.flops_per_step / step_time / peak
+                    writer.write(step, last)
+                    window_tokens, window_start = 0, time.perf_counter()
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}"
+                        )
+                if bar is not None:
+                    bar.update(step - bar.n)
+                if config.eval_every_steps and step % config.eval_every_steps == 0:
+                    writer.write(step, self.evaluate(), prefix="eval/")
+                if step % config.checkpoint_every_steps == 0:
+                    self.save()
+                if self.ckpt.reached_preemption(step):
+                    stop["signal"] = stop["signal"] or signal.SIGTERM
+                if stop["signal"] is not None:
+                    log.warning("signal %d: saving at step %d and exiting", stop["signal"], step)
+                    self.save(force=True)
+                    self.ckpt.wait_until_finished()
+                    sys.exit(128 + stop["signal"])
+            self.save(force=True)
+            self.ckpt.wait_until_finished()
+            if self.eval_data is not None:
+                final = self.evaluate()
+                writer.write(int(self.state.step), final, prefix="eval/")
+                last.update({f"eval/{k}": v for k, v in final.items()})
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            writer.close()
+            self.iterator.close()
+        return last
+
+    def _stop_nonfinite(self, count: int, step: int) -> None:
+        self.ckpt.wait_until_finished()
+        raise FloatingPointError(
+            f"{count} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
+            f"their updates were skipped and the run stops here. The last good checkpoint is "
+            f"step {self.ckpt.latest_step()} in {self.workdir / 'checkpoints'}; lower "
+            "optim.learning_rate or check the data before resuming."
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        return consistency(
+            self.model,
+            self.state.params(),
+            self.eval_data,
+            self.mesh,
+            self.loss_cfg,
+            max_batches=self.config.eval_max_batches,
+        )
