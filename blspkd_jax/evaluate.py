@@ -10,17 +10,15 @@ BLEU (rows with a "reference") in OUT/metrics.json and OUT/metrics.md. The code 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from blspkd_jax.data.manifest import DataError
+from blspkd_jax import cli
 from blspkd_jax.inference.evaluate import (
     REFERENCE_KEY,
     TASKS,
     evaluate_run,
     metrics_markdown,
 )
-from blspkd_jax.inference.workdir import RunError
 
 __all__ = ["evaluate_run", "main"]
 
@@ -42,10 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-rows", type=int, default=0, help="evaluate the first N rows (0: all)")
+    cli.add_verbose_flag(ap)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cli.setup_logging(args.verbose)
 
-    try:
+    def body() -> int:
         metrics = evaluate_run(
             args.workdir,
             args.manifest,
@@ -57,11 +56,10 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens,
             max_rows=args.max_rows,
         )
-    except (RunError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(metrics_markdown(metrics))
-    return 0
+        print(metrics_markdown(metrics))
+        return 0
+
+    return cli.run(body, interrupted="interrupted: the evaluation was not finished")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from blspkd_jax.data.manifest import DataError, read_rows
+from blspkd_jax import cli
+from blspkd_jax.data.manifest import read_rows
 from blspkd_jax.inference.export import (
     DEFAULT_SHARD_BYTES,
     LLM_SUBDIR,
+    check_out,
     export_run,
     save_exported,
     verify_export,
 )
-from blspkd_jax.inference.workdir import RunError, load_run
-from blspkd_jax.models.blspkd_hf import ExportError, load_exported
+from blspkd_jax.inference.workdir import load_run
+from blspkd_jax.models.blspkd_hf import load_exported
 
 __all__ = ["export_run", "load_exported", "main", "save_exported"]
 
@@ -52,8 +55,17 @@ def main(argv=None) -> int:
         "audio (the first --verify-rows rows)",
     )
     ap.add_argument("--verify-rows", type=int, default=4)
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT even if it holds files that are not an earlier export",
+    )
+    cli.add_verbose_flag(ap)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    cli.setup_logging(args.verbose)
+
+    def body() -> int:
+        check_out(Path(args.out), args.force)  # before the minutes of loading the run
         run = load_run(args.workdir, args.step)
         out = export_run(
             args.workdir,
@@ -61,6 +73,7 @@ def main(argv=None) -> int:
             max_shard_bytes=args.max_shard_size,
             llm_dir=not args.no_llm_dir,
             run=run,
+            force=args.force,
         )
         print(f"exported {args.workdir} step {run.step} to {out}", file=sys.stderr)
         if args.verify_manifest:
@@ -71,10 +84,11 @@ def main(argv=None) -> int:
                 print(f"{r.id}: JAX {jax_text!r} {mark} PyTorch {torch_text!r}")
             same = sum(a == b for a, b in pairs)
             print(f"PyTorch greedy text equals JAX's on {same}/{len(pairs)} utterances")
-    except (RunError, ExportError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return cli.run(
+        body, interrupted="interrupted: OUT was left as it was (exports are moved in whole)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Generate: `python -m blspkd_jax.generate speech --workdir DIR --manifest M --out OUT.jsonl
 [--instruction TEXT] [--max-new-tokens N] [--step N] [--batch-size N]` writes the greedy response
-to each row's audio as `{"id", "response"}` lines.
+to each row's audio as `{"id", "response"}` lines; rows it cannot use (malformed, unreadable, too
+long for the encoder) are skipped and listed as `MANIFEST:LINE: reason`.
 
 Also the stable name of the generation API: `greedy` and `generate` (KV-cache decoding,
 `blspkd_jax.inference.generate`) and `speech_responses` / `text_responses` (a trained run's
@@ -12,10 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from blspkd_jax.data.manifest import DataError, read_rows, write_jsonl
+from blspkd_jax import cli
+from blspkd_jax.data.manifest import DataError, read_manifest, write_jsonl
 from blspkd_jax.inference.generate import generate, greedy
-from blspkd_jax.inference.respond import audio_lengths, speech_responses, text_responses
-from blspkd_jax.inference.workdir import RunError, load_run
+from blspkd_jax.inference.respond import speech_responses, text_responses, usable_rows
+from blspkd_jax.inference.workdir import load_run
 
 __all__ = ["generate", "greedy", "main", "speech_responses", "text_responses"]
 
@@ -36,12 +38,19 @@ def main(argv=None) -> int:
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     sp.add_argument("--batch-size", type=int, default=8)
+    cli.add_verbose_flag(sp)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    cli.setup_logging(args.verbose)
 
-    try:
-        rows = read_rows(args.manifest)
-        audio_lengths(rows)  # fail on a missing file before loading the model
+    def body() -> int:
+        rows, bad = read_manifest(args.manifest)
         run = load_run(args.workdir, args.step)
+        rows, unusable = usable_rows(run, rows, args.manifest)
+        bad += unusable
+        for b in sorted(bad, key=lambda b: b.line):
+            print(f"skipped {b}", file=sys.stderr)
+        if not rows:
+            raise DataError(f"{args.manifest}: no usable rows ({len(bad)} skipped)")
         responses = speech_responses(
             run,
             rows,
@@ -49,14 +58,14 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )
-    except (DataError, RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    write_jsonl(
-        args.out, ({"id": r.id, "response": s} for r, s in zip(rows, responses, strict=True))
-    )
-    print(f"wrote {len(rows)} responses to {args.out}", file=sys.stderr)
-    return 0
+        write_jsonl(
+            args.out, ({"id": r.id, "response": s} for r, s in zip(rows, responses, strict=True))
+        )
+        skipped = f" ({len(bad)} rows skipped, listed above)" if bad else ""
+        print(f"wrote {len(rows)} responses to {args.out}{skipped}", file=sys.stderr)
+        return 0
+
+    return cli.run(body, interrupted="interrupted: nothing written")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from transformers import AutoTokenizer
 
+from blspkd_jax import cli
 from blspkd_jax.data.layout import CHATML_TEMPLATE, DEFAULT_SYSTEM
 from blspkd_jax.inference.labels import DEFAULT_INSTRUCTION, label_manifest
 from blspkd_jax.models import hf
@@ -50,15 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_verbose_flag(ap)
     args = ap.parse_args(argv)
 
-    template = args.chat_template
-    if template == "chatml":
-        template = CHATML_TEMPLATE
-    elif template:
-        with open(template, encoding="utf-8") as f:
-            template = f.read()
-    try:
+    cli.setup_logging(args.verbose)
+
+    def body() -> int:
+        template = args.chat_template
+        if template == "chatml":
+            template = CHATML_TEMPLATE
+        elif template:
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
         module, params = hf.load_llm(args.llm, dtype=jnp.dtype(args.dtype))
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.llm)
         kept, made = label_manifest(
@@ -77,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             rng=jax.random.key(args.seed) if args.temperature > 0 else None,
             progress=not args.no_progress,
         )
-    except (ValueError, OSError) as e:  # DataError, LayoutError, CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.out}: {kept} rows kept from an earlier run, {made} generated", file=sys.stderr)
-    return 0
+        print(
+            f"{args.out}: {kept} rows kept from an earlier run, {made} generated", file=sys.stderr
+        )
+        return 0
+
+    return cli.run(body, interrupted="interrupted: rerun the same command to finish OUT")
 
 
 if __name__ == "__main__":

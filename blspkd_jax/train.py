@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 import jax
 
+from blspkd_jax import cli
 from blspkd_jax.training import config as config_lib
 from blspkd_jax.training import distributed
 from blspkd_jax.training.trainer import Trainer
@@ -25,6 +25,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m blspkd_jax.train", description=__doc__)
     ap.add_argument("--config", required=True, help="config file, path.py[:arg]")
     ap.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
+    cli.add_verbose_flag(ap)
     args = ap.parse_args(rest)
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
@@ -32,19 +33,22 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    try:
+    def body() -> int:
         args, config = parse_args(sys.argv[1:] if argv is None else argv)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    d = config.distributed
-    distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
-    trainer = Trainer(config, args.workdir)
-    final = trainer.run()
-    if jax.process_index() == 0:
-        print(json.dumps({"step": int(trainer.state.step), **final}, indent=1))
-    return 0
+        cli.setup_logging(args.verbose)
+        d = config.distributed
+        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+        trainer = Trainer(config, args.workdir)
+        final = trainer.run()
+        if jax.process_index() == 0:
+            print(json.dumps({"step": int(trainer.state.step), **final}, indent=1))
+        return 0
+
+    return cli.run(
+        body,
+        interrupted="interrupted before training started: nothing to save; rerun the same "
+        "command to start (or resume from the last checkpoint)",
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ def get_config(arg: str = "stage1"):
     c = _base.get_config(arg)
     c.model.encoder.hf_path = "hf/whisper-large-v3"
     c.model.llm.hf_path = "hf/Llama-3.1-8B-Instruct"
-    c.data.n_mels = 128
     c.mesh.tensor = 1
     if arg == "stage2":
         c.train.init_from = "runs/llama3_1_8b_large_v3_stage1"

@@ -17,7 +17,6 @@ def get_config(arg: str = "stage1"):
     c.model.llm.hf_path = "hf/Qwen2.5-7B-Instruct"
     c.data.train_manifest = "data/train.jsonl"
     c.data.eval_manifest = "data/eval.jsonl"
-    c.data.n_mels = 80
     c.data.frame_buckets = (3000,)  # pad to 30 s: faithful to the checkpoint
     c.data.token_buckets = (128, 256)
     c.data.min_seconds = 1.0

@@ -1,19 +1,19 @@
 """The embedded default: CPU-sized BLSP-KD on the espeak-ng corpus (what `make demo` trains).
 
 No pretrained model is reachable offline, so the demo first trains a tokenizer and a small text
-LM on the corpus sentences (`blspkd_jax.teacher`; the frozen teacher here) and pretrains a small
-Whisper encoder with CTC on the training speech (`blspkd_jax.asr_encoder`), then passes
+LM on the corpus sentences (the frozen teacher, `blspkd_jax.demo.teacher`) and pretrains a small
+Whisper encoder with CTC on the training speech (`blspkd_jax.demo.asr_encoder`), then passes
 `model.encoder.hf_path` and, as in the paper, freezes that encoder
 (`train.trainable=("^adapter/",)`). Without `model.encoder.hf_path` the encoder below is random,
 so by default it trains together with the CFormer. Variant `stage2` adds PLoRA and starts from
-stage 1.
+stage 1. On the outputs of `python -m blspkd_jax.demo --quick` (a few minutes):
 
   python -m blspkd_jax.train --config configs/tiny.py --workdir runs/tiny \
-      --config.data.train_manifest=runs/demo/labels/train.jsonl \
-      --config.data.eval_manifest=runs/demo/labels/eval.jsonl \
-      --config.model.llm.hf_path=runs/demo/teacher \
-      --config.model.encoder.hf_path=runs/demo/encoder --config.model.encoder.pad_to_30s=false \
-      '--config.train.trainable=("^adapter/",)'
+      --config.data.train_manifest=runs/demo-quick/labels/train.jsonl \
+      --config.data.eval_manifest=runs/demo-quick/labels/eval.jsonl \
+      --config.model.llm.hf_path=runs/demo-quick/teacher \
+      --config.model.encoder.hf_path=runs/demo-quick/encoder \
+      --config.model.encoder.pad_to_30s=false "--config.train.trainable=('^adapter/',)"
 """
 
 from blspkd_jax.config import base_config
@@ -32,7 +32,6 @@ def get_config(arg: str = "stage1"):
     c.data.token_buckets = (48, 80)
     c.data.max_seconds = 8.0
     c.data.max_text_tokens = 40
-    c.data.n_mels = 40
     c.data.worker_count = 1
     c.data.system_prompt = ""
     c.data.instruction = ""

@@ -4,9 +4,10 @@
       --config configs/tiny.py --workdir runs/mp [--config.key=value ...]
 
 Each process gets BLSPKD_COORDINATOR / BLSPKD_NUM_PROCESSES / BLSPKD_PROCESS_ID (read by
-`blspkd_jax.training.distributed.initialize`) and, on CPU, its own virtual devices. Output of
-process p goes to WORKDIR/process{p}.log; the launcher exits non-zero if any process fails, and
-stops the others when one dies.
+`blspkd_jax.training.distributed.initialize`) and, on CPU, its own virtual devices. Process 0's
+output is shown here as it runs and kept in WORKDIR/process0.log; process p logs to
+WORKDIR/process{p}.log. The launcher exits non-zero if any process fails, and stops the others
+when one dies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _tee(stream, log) -> None:
+    """Copy a process's output to this terminal and its log as it comes (progress bars too)."""
+    out = sys.stdout.buffer
+    while chunk := os.read(stream.fileno(), 4096):
+        out.write(chunk)
+        out.flush()
+        log.write(chunk)
+        log.flush()
 
 
 def main(argv=None) -> int:
@@ -46,18 +58,24 @@ def main(argv=None) -> int:
             "BLSPKD_PROCESS_ID": str(p),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={a.devices_per_process}",
         }
-        log = open(workdir / f"process{p}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, "-m", a.module, *args],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
+        log = open(workdir / f"process{p}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", a.module, *args],
+            env=env,
+            stdout=subprocess.PIPE if p == 0 else log,
+            stderr=subprocess.STDOUT,
         )
+        if p == 0:  # process 0 speaks for the job: its output goes to the terminal and its log
+            tee = threading.Thread(target=_tee, args=(proc.stdout, log), daemon=True)
+            tee.start()
+        procs.append((proc, log))
+    others = ", ".join(str(workdir / f"process{p}.log") for p in range(1, a.num_processes))
+    print(
+        f"{a.num_processes} processes started; process 0's output follows (also in "
+        f"{workdir / 'process0.log'}), the others log to {others or '-'}",
+        file=sys.stderr,
+        flush=True,
+    )
     codes: list[int | None] = [None] * len(procs)
     while any(c is None for c in codes):
         for i, (proc, _) in enumerate(procs):
@@ -70,6 +88,7 @@ def main(argv=None) -> int:
             for i, (proc, _) in enumerate(procs):
                 codes[i] = proc.wait()
         time.sleep(0.2)
+    tee.join(timeout=10)  # the rest of process 0's output
     for _, log in procs:
         log.close()
     for i, c in enumerate(codes):

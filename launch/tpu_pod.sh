@@ -2,8 +2,9 @@
 # Train on every worker of a TPU pod slice. JAX finds the other hosts itself (TPU metadata), so
 # each worker runs the same command; each loads its own slice of every global batch.
 #   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh --config configs/qwen2_5_7b_large_v2.py:stage1 \
-#       --workdir gs://bucket/runs/stage1
-# The repository (with hf/ and data/ reachable from every worker) is expected at ~/blspkd-jax.
+#       --workdir /mnt/shared/runs/stage1
+# The workdir must be a folder every worker sees (gs:// paths are not supported yet). The
+# repository (with hf/ and data/ reachable from every worker) is expected at ~/blspkd-jax.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE to its zone}"
 REPO=${REPO:-'~/blspkd-jax'}

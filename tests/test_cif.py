@@ -1,4 +1,4 @@
-"""CIF (blspkd_jax/cif.py) against a plain float64 frame loop written from SPEC section 3: every
+"""CIF (blspkd_jax/cif.py) against a plain float64 frame loop written from docs/method.md §3: every
 method, both modes, the edge cases, gradients between methods and against finite differences."""
 
 import functools

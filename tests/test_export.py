@@ -1,7 +1,7 @@
-"""Hugging Face export (SPEC section 8) and import back: the exported PyTorch model (loaded offline
-with `AutoModel.from_pretrained(OUT, trust_remote_code=True)`) gives the JAX model's logits on
-speech inputs and the same greedy text as `blspkd_jax.generate speech`; the LLM part loads alone
-with transformers; JAX -> HF -> JAX is exact; training can start from an export.
+"""Hugging Face export (README's Python API) and import back: the exported PyTorch model (loaded
+offline with `AutoModel.from_pretrained(OUT, trust_remote_code=True)`) gives the JAX model's
+logits on speech inputs and the same greedy text as `blspkd_jax.generate speech`; the LLM part
+loads alone with transformers; JAX -> HF -> JAX is exact; training can start from an export.
 
 Two tiny models: one trained-run workdir exported through the command line (variable-length
 encoder, Llama, untied head), and one exported directly (30 s mode, Qwen2 with QKV biases, tied
@@ -32,6 +32,7 @@ from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data.features import log_mel, pad_features
 from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.manifest import Row
+from blspkd_jax.data.pipeline import DataConfig
 from blspkd_jax.inference import export, respond
 from blspkd_jax.inference.workdir import Run, default_mesh, load_run
 from blspkd_jax.models import blspkd_hf, hf
@@ -118,6 +119,7 @@ def from_workdir(assets):
             "model.adapter.n_post=1",
             "model.adapter.max_tokens=40",
             "data.frame_buckets=(128,)",
+            "data.max_seconds=1.2",
             "data.system_prompt=You are a helpful assistant.",
         ],
     )
@@ -207,6 +209,7 @@ def direct(assets):
         layout=ChatLayout(assets.tok, None, None, "Repeat: "),
         mesh=default_mesh(),
         loss_cfg=None,
+        data=DataConfig(frame_buckets=(128,), n_mels=16),  # 30 s mode: the window decides
     )
     return types.SimpleNamespace(out=out, run=run, expected=optim.flatten(params))
 
@@ -426,3 +429,35 @@ def test_init_from_export_gives_the_runs_parameters(from_workdir):
     wide = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, n_post=2))
     with pytest.raises(blspkd_hf.ExportError, match="adapter.n_post"):
         weights.init_from_params(from_workdir.out, wide, shardings)
+
+
+def test_export_refuses_foreign_folders_and_replaces_earlier_exports(
+    from_workdir, tmp_path, capsys
+):
+    """OUT must be new, empty, an earlier export, or replaced on purpose (--force); an export
+    replaces the earlier one whole (no stale llm/ left); a file as OUT is an error."""
+    workdir = from_workdir.run.workdir
+    run = from_workdir.run
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    argv = ["--workdir", str(workdir), "--no-llm-dir"]
+    assert export_cli.main([*argv, "--out", str(foreign)]) == 1
+    err = capsys.readouterr().err
+    assert "holds other files and is not an earlier export" in err and "--force" in err
+    assert (foreign / "notes.txt").read_text() == "mine"  # untouched
+    assert export_cli.main([*argv, "--out", str(foreign), "--force"]) == 0
+    assert not (foreign / "notes.txt").exists() and blspkd_hf.is_exported(foreign)
+
+    # An earlier export with OUT/llm, exported again without it: nothing of the old one stays.
+    out = tmp_path / "again"
+    export.export_run(workdir, out, run=run)
+    assert (out / "llm" / "config.json").is_file()
+    assert export_cli.main([*argv, "--out", str(out)]) == 0
+    assert not (out / "llm").exists() and blspkd_hf.is_exported(out)
+    assert not list(tmp_path.glob(".again.*"))  # no partial or old copies left beside it
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert export_cli.main([*argv, "--out", str(a_file)]) == 1
+    assert "is a file" in capsys.readouterr().err

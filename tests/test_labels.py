@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from blspkd_jax import labels as labels_cli
 from blspkd_jax.data.layout import build_layout
+from blspkd_jax.data.manifest import read_rows
 from blspkd_jax.generate import greedy
 from blspkd_jax.inference import labels
 from blspkd_jax.inference.generate import bucket_length
@@ -179,3 +180,20 @@ def test_add_continuations_api(model_dir):
 
 def test_bucket_length():
     assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
+
+
+def test_labels_in_another_folder_keep_audio_paths_resolving(model_dir, tmp_path):
+    """A manifest with relative audio paths labelled into another folder: each row's audio
+    resolves, from the new manifest's folder, to the same file as from the input's."""
+    path, _ = model_dir
+    manifest = tmp_path / "data" / "in.jsonl"
+    manifest.parent.mkdir()
+    rows = [*ROWS[:2], {**ROWS[2], "audio": str(tmp_path / "abs.wav")}]
+    _write(manifest, rows)
+    out = tmp_path / "elsewhere" / "deeper" / "out.jsonl"
+    args = ["--llm", str(path), "--manifest", str(manifest), "--out", str(out), *CLI]
+    assert labels_cli.main(args) == 0
+    written = _read(out)
+    assert written[0]["audio"] == "../../data/a.wav"  # relative stays relative
+    assert written[2]["audio"] == str(tmp_path / "abs.wav")  # absolute stays absolute
+    assert [r.audio for r in read_rows(out)] == [r.audio for r in read_rows(manifest)]

@@ -40,7 +40,7 @@ def _np_softmax(z):
 
 
 def np_kd_kl(s, t, w_head, weights, temperature):
-    """The SPEC formula in float64 numpy: sum_i w_i KL(p_i || q_i) / sum_i w_i."""
+    """The formula of docs/method.md §4 in float64 numpy: sum_i w_i KL(p_i || q_i) / sum_i w_i."""
     s, t, w_head, weights = (np.asarray(x, np.float64) for x in (s, t, w_head, weights))
     p = _np_softmax(t @ w_head / temperature)
     q = _np_softmax(s @ w_head / temperature)

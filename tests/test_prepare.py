@@ -26,7 +26,7 @@ def _rows(manifest: Path) -> list[dict]:
 
 
 def _resolve(manifest: Path, audio: str) -> Path:
-    # SPEC section 6: relative audio paths are relative to the manifest's folder.
+    # docs/method.md §6: relative audio paths are relative to the manifest's folder.
     return Path(os.path.normpath(manifest.parent / audio))
 
 

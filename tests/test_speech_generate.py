@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from tiny import SENTENCES
 from transformers import AutoModelForCausalLM
@@ -240,13 +241,38 @@ def test_speech_cli_writes_one_row_per_input(run, tmp_path):
     assert not os.path.exists(str(out) + ".tmp")
 
 
-def test_speech_cli_reports_bad_rows(run, tmp_path, capsys):
+def test_speech_cli_skips_and_lists_bad_rows(run, tmp_path, capsys):
+    """Malformed lines, missing audio and audio longer than the encoder's window are skipped
+    and listed as MANIFEST:LINE: reason; the other rows are answered, in order."""
+    manifest = Path(run.config.data.train_manifest)
+    good = [json.loads(x) for x in manifest.read_text().splitlines()][:2]
+    for g in good:
+        g["audio"] = str(manifest.parent / g["audio"])
+    long_wav = tmp_path / "long.wav"
+    seconds = 2 * run.model.config.encoder.max_source_positions / 100 + 0.5
+    sf.write(long_wav, np.zeros(int(seconds * 16000), np.float32) + 0.01, 16000)
+    lines = [
+        json.dumps(good[0]),
+        "{not json",
+        json.dumps({"audio": str(tmp_path / "x.wav"), "text": "hi", "id": "gone"}),
+        json.dumps({"audio": str(long_wav), "text": "hi", "id": "long"}),
+        json.dumps(good[1]),
+    ]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"audio": "x.wav", "text": "hi"}\n{not json\n')
-    rc = main(["speech", f"--workdir={run.workdir}", f"--manifest={bad}", f"--out={tmp_path}/o"])
-    assert rc == 1 and f"{bad}:2: malformed JSON" in capsys.readouterr().err
-    bad.write_text('{"audio": "x.wav", "text": "hi"}\n')
-    rc = main(["speech", f"--workdir={run.workdir}", f"--manifest={bad}", f"--out={tmp_path}/o"])
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o.jsonl"
+    argv = ["speech", f"--workdir={run.workdir}", f"--manifest={bad}", f"--out={out}"]
+    assert main([*argv, f"--max-new-tokens={MAX_NEW}"]) == 0
     err = capsys.readouterr().err
-    assert rc == 1 and "line 1" in err and "x.wav" in err and "not found" in err
-    assert not (tmp_path / "o").exists()
+    assert f"{bad}:2: malformed JSON" in err
+    assert f"{bad}:3: audio file not found" in err
+    assert f"{bad}:4: audio is" in err and "longer than the encoder" in err
+    assert "3 rows skipped" in err
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [g["id"] for g in good]
+    # Nothing usable: an error, one line per skipped row, nothing written.
+    out.unlink()
+    bad.write_text(lines[2] + "\n")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:1: audio file not found" in err and "no usable rows" in err
+    assert not out.exists()

@@ -126,18 +126,20 @@ def test_tiny_run_writes_metrics_checkpoints_and_logs(reference):
 
 
 def test_kill_and_resume_matches_the_uninterrupted_run(assets, reference, tmp_path):
-    """SIGTERM a run once its first checkpoint exists: it saves where it is and exits 128 +
-    SIGTERM before its last step; the same command then resumes from that checkpoint and logs
-    the uninterrupted run's metrics."""
+    """Ctrl-C (SIGINT) a run once its first checkpoint exists: it says so at once, saves where
+    it is and exits 128 + SIGINT before its last step; the same command then resumes from that
+    checkpoint and logs the uninterrupted run's metrics. (SIGTERM takes the same path.)"""
     part = tmp_path / "part"
     p = _train(_args(assets, part, f"--config.total_steps={STEPS}"))
     deadline = time.time() + 900
     while not (part / "checkpoints" / "2").is_dir():
         assert p.poll() is None and time.time() < deadline, "the run ended before its first save"
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=300)
-    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert p.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "SIGINT: saving a checkpoint after this step" in out
+    assert "rerun the same command to resume" in out and "Traceback" not in out
     stopped = max(int(d.name) for d in (part / "checkpoints").iterdir() if d.name.isdigit())
     assert 2 <= stopped < STEPS, stopped
     p = _train(_args(assets, part, f"--config.total_steps={STEPS}"))
@@ -181,11 +183,33 @@ def test_bad_rows_are_skipped_and_reported(reference):
     assert reasons[4].startswith("audio file not found")
 
 
-def test_unknown_config_key_is_rejected_by_name(assets, tmp_path):
-    p = _train(_args(assets, tmp_path, "--config.optim.learning_rat=1e-3"))
+def test_mistakes_are_one_line_naming_the_key(assets, tmp_path):
+    for extra, key in (
+        ("--config.optim.learning_rat=1e-3", "'optim.learning_rate'"),
+        ("--config.batch_size=-4", "batch_size=-4"),
+        ("--config.data.train_manifest=", "data.train_manifest is empty"),
+    ):
+        p = _train(_args(assets, tmp_path / "w", extra))
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 2, out
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and key in errors[0] and "Traceback" not in out, out
+    assert not (tmp_path / "w" / "config.json").exists()  # nothing written for a bad config
+
+
+def test_ctrl_c_during_start_up_ends_cleanly(assets, tmp_path):
+    """Ctrl-C while the run is still starting (building the model, compiling): one line saying
+    there is nothing to save, exit code 130, no traceback and no crash of the runtime."""
+    p = _train(_args(assets, tmp_path / "w", "--config.total_steps=2"))
+    for line in p.stdout:  # the mesh is built: the model, data and compilation come next
+        if "processes," in line:
+            break
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 2
-    assert "learning_rat" in out and "learning_rate" in out
+    assert p.returncode == 130, out[-3000:]
+    assert "interrupted before training started" in out
+    assert "Traceback" not in out and "Segmentation" not in out
 
 
 @pytest.mark.slow
@@ -210,3 +234,26 @@ def test_two_processes_on_a_2x2x2_mesh_match_one_device(assets, reference, tmp_p
     _assert_same_metrics(
         _metrics(workdir), _metrics(reference), range(1, STEPS + 1), names, 1e-5, 1e-6
     )
+
+
+def test_a_second_signal_quits_at_once(tmp_path):
+    """StopRequest: the first signal only asks the loop to stop (the process lives on), the
+    second ends the process at once with 128 + the signal, each acknowledged as it arrives."""
+    script = (
+        "import os, signal, time\n"
+        "from blspkd_jax.training.trainer import StopRequest\n"
+        "stop = StopRequest([signal.SIGUSR1])\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(1)\n"
+        "print('asked:', stop.signum == signal.SIGUSR1, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(5)\n"
+        "print('still alive', flush=True)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
+    assert "asked: True" in p.stdout and "still alive" not in p.stdout
+    assert "SIGUSR1: saving a checkpoint after this step" in p.stderr
+    assert "SIGUSR1: quitting now; the last complete checkpoint is kept" in p.stderr

@@ -1,9 +1,8 @@
 """Audio in: probe a file's length cheaply, decode it (or a segment of it) to 16 kHz mono float32.
 
-Any format libsndfile reads (WAV, FLAC, OGG, MP3, ...) via soundfile (SPEC section 6). Channels are
-averaged to mono and any sample rate is resampled as `librosa.load(path, sr=16000)` does (soxr,
-high quality), to the same samples.
-"""
+Any format libsndfile reads (WAV, FLAC, OGG, MP3, ...) via soundfile (docs/method.md §6). Channels
+are averaged to mono and any sample rate is resampled as `librosa.load(path, sr=16000)` does (soxr,
+high quality), to the same samples."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import soxr
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # Whisper's STFT hop: 100 mel frames per second
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
+MIN_SAMPLES = 200  # log-mel needs more than half an STFT window of audio
 
 
 class AudioError(ValueError):

@@ -69,24 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-text-tokens",
         type=int,
-        default=MAX_TEXT_TOKENS,
-        help="transcript token limit (needs --tokenizer)",
+        default=None,
+        help=f"transcript token limit (needs --tokenizer; default {MAX_TEXT_TOKENS} with one)",
     )
     ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
     args = ap.parse_args(argv)
+    if args.max_text_tokens is not None and args.tokenizer is None:
+        ap.error("--max-text-tokens counts tokens: it needs --tokenizer LLM_DIR")
     if not os.path.isfile(args.manifest):
         print(f"{args.manifest}: manifest not found", file=sys.stderr)
+        return 1
+    rows = sum(1 for _ in manifest_lib.iter_lines(args.manifest))
+    if not rows:
+        print(f"{args.manifest}: no rows (the manifest is empty)", file=sys.stderr)
         return 1
     bad = check_manifest(
         args.manifest,
         args.tokenizer,
         min_seconds=args.min_seconds,
         max_seconds=args.max_seconds,
-        max_text_tokens=args.max_text_tokens,
+        max_text_tokens=args.max_text_tokens or MAX_TEXT_TOKENS,
         workers=args.workers,
     )
     for b in bad:
         print(b)
+    print(f"{args.manifest}: {rows - len(bad)} of {rows} rows usable", file=sys.stderr)
     return 1 if bad else 0
 
 

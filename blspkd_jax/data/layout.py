@@ -1,4 +1,4 @@
-"""The teacher/student token layout (SPEC section 4): one sequence and one set of masks.
+"""The teacher/student token layout (docs/method.md §4): one sequence and one set of masks.
 
 The LLM's own chat template is rendered once with placeholders, split at them, and each piece is
 tokenised on its own, so the transcript span is exact:

@@ -1,4 +1,4 @@
-"""Manifests: JSON Lines, one utterance a line (SPEC section 6), parsed and validated row by row.
+"""Manifests: JSON Lines, one utterance a line (docs/method.md §6), parsed and validated row by row.
 
 A row is `{"audio": path, "text": transcript}` plus optional `"response"`, `"instruction"`, `"id"`,
 and `"offset"`/`"duration"` (seconds) to cut a segment from a long recording. Relative audio paths

@@ -1,4 +1,4 @@
-"""The grain input pipeline: manifest -> bucketed, padded batches in the SPEC section 4 layout.
+"""The grain input pipeline: manifest -> bucketed, padded batches in the docs/method.md §4 layout.
 
 Startup indexes the manifest (JSON, keys, transcript tokens, audio headers: cheap, no decoding),
 so every usable row's bucket is known before any audio is read. From that index a pure function
@@ -85,8 +85,8 @@ class DataConfig:
         split over `process_count` processes, `seed`)."""
         if config.batch_size <= 0 or config.batch_size % process_count:
             raise ValueError(
-                f"batch_size {config.batch_size} must be a positive multiple of the "
-                f"{process_count} processes"
+                f"batch_size={config.batch_size}: expected a positive multiple of the "
+                f"{process_count} processes (it is the global batch)"
             )
         d = config.data
         return cls(
@@ -396,7 +396,7 @@ class LoadBatch(grain.transforms.Map):
 
 
 class BatchIterator(grain.DatasetIterator):
-    """Yields batches (dicts of numpy arrays, SPEC section 4 layout plus `line`, the 1-based
+    """Yields batches (dicts of numpy arrays, docs/method.md §4 layout plus `line`, the 1-based
     manifest line of each row, -1 for padding). `get_state()`/`set_state()` round-trip through
     JSON (orbax's grain checkpoint handler saves it) and restore exactly: the state is the next
     batch number, independent of the worker count."""
@@ -419,7 +419,6 @@ class BatchIterator(grain.DatasetIterator):
         batch = next(self._open())
         self._next += 1
         skipped = [BadRow.from_json(d) for d in json.loads(batch.pop(_SKIPPED))]
-        # Plain ndarray views: with workers grain hands over shared-memory arrays (a subclass).
         batch = {k: np.asarray(v) for k, v in batch.items()}
         if skipped:
             if self._pipeline.config.strict:
@@ -497,7 +496,7 @@ class DataPipeline:
         if process_index == 0:  # every process finds the same ones; decode failures are per process
             self._log_skipped(self.bad_rows)
         if not len(self.index):
-            raise ValueError(
+            raise DataError(
                 f"{manifest}: no usable rows ({len(self.bad_rows)} bad"
                 + (f"; see {self._skipped_path()}" if workdir else "")
                 + ")"
@@ -557,6 +556,11 @@ class DataPipeline:
                     per_worker_buffer_size=self.config.worker_buffer_size,
                 )
             )
+            # Batches come back pickled rather than in shared memory: grain frees a shared
+            # segment on a background thread that may not run before the interpreter exits,
+            # which left segments behind (and a warning) after every run. A batch is a few MB.
+            options = grain.experimental.DatasetOptions(min_shm_size=1 << 62)
+            ds = grain.experimental.WithOptionsIterDataset(ds, options)
         return iter(ds)
 
     # Skipped rows -> WORKDIR/skipped.jsonl, each (manifest, line, reason) once across restarts.

@@ -1,5 +1,5 @@
 """Turn LibriSpeech, Common Voice and GigaSpeech folders (their published layouts) into our JSON
-Lines manifest (SPEC section 6), with a progress bar and a summary of hours and skipped files.
+Lines manifest (docs/method.md §6), with a progress bar and a summary of hours and skipped files.
 
     python -m blspkd_jax.data.prepare librispeech LibriSpeech --out ls.jsonl --split train-clean-100
     python -m blspkd_jax.data.prepare commonvoice cv-corpus-17.0/en --out cv.jsonl --split train

@@ -1,4 +1,4 @@
-"""The embedded default's speech encoder (SPEC section 6): with no pretrained Whisper offline, a
+"""The embedded default's speech encoder (docs/method.md §6): with no pretrained Whisper offline, a
 small Whisper encoder is pretrained as a CTC recogniser on the corpus's training transcripts and
 saved as a Hugging Face Whisper directory, which stage 1 then loads like a real checkpoint.
 

@@ -14,14 +14,16 @@ reloads it in PyTorch. Every stage resumes: rerunning skips what is done.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from blspkd_jax import cli
 from blspkd_jax.data.manifest import read_rows
 from blspkd_jax.demo import asr_encoder, teacher
 from blspkd_jax.demo.corpus import build_corpus as build_speech_corpus
@@ -32,12 +34,52 @@ from blspkd_jax.training import config as config_lib
 from blspkd_jax.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
-log = logging.getLogger("blspkd_jax.demo")
 
 
 def stage(name: str):
     print(f"\n=== {name} ===", flush=True)
     return time.perf_counter()
+
+
+def default_workdir(workdir: str | None, quick: bool) -> Path:
+    """`--workdir`, else runs/demo, or runs/demo-quick for `--quick` (so that a smoke test never
+    leaves its small models where `make demo` would pick them up)."""
+    return Path(workdir or ("runs/demo-quick" if quick else "runs/demo"))
+
+
+class Stamps:
+    """What each stage was built with, kept in `WORKDIR/stages.json`, so that a stage built with
+    other settings (a `--quick` run, other steps, an upstream stage rebuilt since) is rebuilt
+    instead of reused. A stage's settings include the stamps of the stages it reads, so a change
+    travels downstream. An interrupted stage with the same settings resumes."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.file = root / "stages.json"
+        self.stamps = json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def begin(self, name: str, built_with: dict) -> Path:
+        """The folder of stage `name`, emptied first if it was built with anything else."""
+        path = self.root / name
+        old = self.stamps.get(name)
+        if old is not None and old != built_with:
+            changed = sorted(k for k in {*old, *built_with} if old.get(k) != built_with.get(k))
+            print(f"{path}: built with other settings ({', '.join(changed)}): rebuilding it")
+            shutil.rmtree(path, ignore_errors=True)
+        elif old is None and path.is_dir() and any(path.iterdir()):
+            print(f"{path}: built by an earlier demo without a record of its settings: rebuilding")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.stamps[name] = built_with
+        tmp = self.file.with_name(self.file.name + ".tmp")
+        tmp.write_text(json.dumps(self.stamps, indent=1, sort_keys=True))
+        tmp.replace(self.file)
+        return path
+
+    def key(self, name: str) -> str:
+        """A short fingerprint of what stage `name` was built with (for the stages after it)."""
+        text = json.dumps(self.stamps[name], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_corpus(out: Path, num_sentences: int):
@@ -106,18 +148,22 @@ def train(config, workdir: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m blspkd_jax.demo", description=__doc__)
-    ap.add_argument("--workdir", default="runs/demo")
+    ap.add_argument(
+        "--workdir", default=None, help="default: runs/demo, or runs/demo-quick with --quick"
+    )
     ap.add_argument("--num-sentences", type=int, default=3000)
     ap.add_argument("--teacher-steps", type=int, default=0, help="0: the teacher's default")
     ap.add_argument("--encoder-steps", type=int, default=0, help="0: the CTC encoder's default")
     ap.add_argument("--eval-rows", type=int, default=160, help="held-out rows evaluated")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     ap.add_argument("overrides", nargs="*", help="--config.key=value for both training stages")
+    cli.add_verbose_flag(ap)
     args, extra = ap.parse_known_args(argv)
     overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    root = Path(args.workdir)
+    cli.setup_logging(args.verbose)
+    root = default_workdir(args.workdir, args.quick)
     root.mkdir(parents=True, exist_ok=True)
+    stamps = Stamps(root)
     timings = {}
     quick = []
     if args.quick:
@@ -126,48 +172,56 @@ def main(argv=None) -> int:
         args.encoder_steps = args.encoder_steps or 20
         quick = ["total_steps=6", "log_every_steps=2", "checkpoint_every_steps=6"]
     t = stage("1/9 corpus: espeak-ng speaks WordNet example sentences")
-    build_corpus(root / "corpus", args.num_sentences)
+    corpus = stamps.begin("corpus", {"num_sentences": args.num_sentences})
+    build_corpus(corpus, args.num_sentences)
     timings["corpus"] = time.perf_counter() - t
 
     t = stage("2/9 teacher: tokenizer and a small text LM trained on the same sentences")
-    summary = train_teacher(root / "corpus", root / "teacher", args.teacher_steps or None)
+    teacher_dir = stamps.begin(
+        "teacher", {"steps": args.teacher_steps, "corpus": stamps.key("corpus")}
+    )
+    summary = train_teacher(corpus, teacher_dir, args.teacher_steps or None)
     timings["teacher"] = time.perf_counter() - t
     print(json.dumps({k: summary.get(k) for k in ("final_loss", "eval")}, indent=1))
 
     t = stage("3/9 speech encoder: a small Whisper encoder pretrained with CTC on the corpus")
-    enc = pretrain_encoder(root / "corpus", root / "encoder", args.encoder_steps or None)
+    encoder_dir = stamps.begin(
+        "encoder", {"steps": args.encoder_steps, "corpus": stamps.key("corpus")}
+    )
+    enc = pretrain_encoder(corpus, encoder_dir, args.encoder_steps or None)
     timings["encoder"] = time.perf_counter() - t
     print(json.dumps({"final_loss": enc["final_loss"], "eval": enc.get("eval")}, indent=1))
 
     t = stage("4/9 labels: the teacher continues every transcript (BLSP continuation writing)")
     instruction = teacher.CONTINUE_INSTRUCTION + "\n\n"
-    manifests = write_labels(root / "corpus", root / "teacher", root / "labels", instruction)
+    labels_dir = stamps.begin(
+        "labels", {"instruction": instruction, "teacher": stamps.key("teacher")}
+    )
+    manifests = write_labels(corpus, teacher_dir, labels_dir, instruction)
     timings["labels"] = time.perf_counter() - t
-    encoder = [f"model.encoder.hf_path={root / 'encoder'}", "model.encoder.pad_to_30s=false"]
+    encoder = [f"model.encoder.hf_path={encoder_dir}", "model.encoder.pad_to_30s=false"]
     common = [f"data.instruction={instruction}", *encoder, *quick, *overrides]
+    inputs = {k: stamps.key(k) for k in ("teacher", "encoder", "labels")}
 
     t = stage("5/9 untrained model (step 0) for comparison")
-    untrained = run_config("stage1", manifests, root / "teacher", [*common, "total_steps=0"])
-    train(untrained, root / "untrained")
+    extra = [*common, "total_steps=0"]
+    untrained = run_config("stage1", manifests, teacher_dir, extra)
+    train(untrained, stamps.begin("untrained", {"overrides": extra, **inputs}))
     t = stage("6/9 stage 1: align speech to text (the CFormer; encoder and LLM frozen)")
-    stage1 = run_config(
-        "stage1", manifests, root / "teacher", ["train.trainable=('^adapter/',)", *common]
-    )
-    train(stage1, root / "stage1")
+    extra = ["train.trainable=('^adapter/',)", *common]
+    stage1 = run_config("stage1", manifests, teacher_dir, extra)
+    train(stage1, stamps.begin("stage1", {"overrides": extra, **inputs}))
     timings["stage1"] = time.perf_counter() - t
 
     t = stage("7/9 stage 2: PLoRA at speech positions, from stage 1")
-    stage2 = run_config(
-        "stage2",
-        manifests,
-        root / "teacher",
-        [
-            "train.trainable=('^adapter/', 'lora_')",
-            *common,
-            f"train.init_from={root / 'stage1'}",
-        ],
-    )
-    train(stage2, root / "stage2")
+    extra = [
+        "train.trainable=('^adapter/', 'lora_')",
+        *common,
+        f"train.init_from={root / 'stage1'}",
+    ]
+    stage2 = run_config("stage2", manifests, teacher_dir, extra)
+    built_with = {"overrides": extra, "stage1": stamps.key("stage1"), **inputs}
+    train(stage2, stamps.begin("stage2", built_with))
     timings["stage2"] = time.perf_counter() - t
 
     t = stage("8/9 evaluation on held-out sentences")

@@ -1,6 +1,7 @@
-"""The embedded default's teacher (SPEC section 6): with no pretrained LLM offline, a byte-level BPE
-tokenizer and a small Llama LM are trained on the corpus sentences and saved as one Hugging Face
-chat-LLM directory (ChatML template), which the rest of the pipeline loads like any other LLM.
+"""The embedded default's teacher (docs/method.md §6): with no pretrained LLM offline, a
+byte-level BPE tokenizer and a small Llama LM are trained on the corpus sentences and saved as one
+Hugging Face chat-LLM directory (ChatML template), which the rest of the pipeline loads like any
+other LLM.
 
     python -m blspkd_jax.teacher --sentences FILE[,FILE2] --out DIR [--eval-sentences FILE]
         [--steps N] [--vocab-size V] [--seed S]

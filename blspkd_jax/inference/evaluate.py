@@ -1,4 +1,4 @@
-"""Evaluation of a trained run (SPEC section 9, `python -m blspkd_jax.evaluate`): text-speech
+"""Evaluation of a trained run (docs/method.md §7, `python -m blspkd_jax.evaluate`): text-speech
 consistency on held-out pairs (`training.objective.consistency`) and the run's greedy responses
 from speech and from the transcript, scored against each other and against references.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from blspkd_jax.data import manifest as manifest_lib
 from blspkd_jax.data.manifest import BadRow, DataError, write_jsonl
-from blspkd_jax.data.pipeline import DataConfig, eval_pipeline
+from blspkd_jax.data.pipeline import eval_pipeline
 from blspkd_jax.inference.metrics import bleu, exact_match, wer
 from blspkd_jax.inference.respond import speech_responses, text_responses
 from blspkd_jax.inference.workdir import Run, RunError, load_run
@@ -91,7 +91,8 @@ def evaluate_run(
     worker_count: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """SPEC section 9's metrics of a run (a workdir path or a loaded `workdir.Run`) on `manifest`.
+    """The metrics of docs/method.md §7 for a run (a workdir path or a loaded `workdir.Run`) on
+    `manifest`:
 
     - consistency (`consistency()`): input_kl, response_kl, top1_input, top1_response,
       cif_length_error, over an eval pipeline built from the run's data config;
@@ -120,7 +121,7 @@ def evaluate_run(
     devices = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
     batch_size = -(-batch_size // devices) * devices  # the batch is split over data x fsdp
     dc = dataclasses.replace(
-        DataConfig.from_config(run.config, 1),
+        run.data,
         eval_manifest=str(eval_manifest),
         batch_size_per_process=batch_size,
         shuffle=False,

@@ -29,7 +29,13 @@ from blspkd_jax.inference.workdir import load_run
 from blspkd_jax.models import hf
 from blspkd_jax.models import llm as llm_lib
 from blspkd_jax.models.blspkd import BLSPKDConfig
-from blspkd_jax.models.blspkd_hf import hf_config, looped_params, params_to_hf
+from blspkd_jax.models.blspkd_hf import (
+    ExportError,
+    hf_config,
+    is_exported,
+    looped_params,
+    params_to_hf,
+)
 from blspkd_jax.models.llm_config import LLMConfig
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -149,15 +155,74 @@ def save_exported(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     llm_dir: bool = True,
     max_new_tokens: int = 128,
+    force: bool = False,
 ) -> Path:
     """Write the Hugging Face directory `out` for a model config, its params and tokenizer.
 
     `system_prompt`/`instruction`/`chat_template` are the run's chat settings (`data.*`);
     `chat_template` None keeps the tokenizer's. `llm_dir=False` skips OUT/llm (a second copy of
-    the LLM weights).
+    the LLM weights). The directory is written beside `out` and moved into place whole, so
+    nothing half-written is ever left at `out`, nor anything of an earlier export; an existing
+    `out` that is not an earlier export is refused unless `force`.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    check_out(final, force)
+    out = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        _write_export(
+            out,
+            model_cfg,
+            params,
+            tokenizer,
+            system_prompt=system_prompt,
+            instruction=instruction,
+            chat_template=chat_template,
+            step=step,
+            metrics=metrics,
+            source=source,
+            max_shard_bytes=max_shard_bytes,
+            llm_dir=llm_dir,
+            max_new_tokens=max_new_tokens,
+        )
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        out.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def check_out(out: Path, force: bool) -> None:
+    """`out` must be free, empty, an earlier export, or replaced on purpose (`force`)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file; expected a directory to write the export into")
+    if out.is_dir() and any(out.iterdir()) and not is_exported(out) and not force:
+        raise ExportError(
+            f"--out {out}: the folder holds other files and is not an earlier export; choose an "
+            "empty or new folder, or pass --force to replace it"
+        )
+
+
+def _write_export(
+    out: Path,
+    model_cfg: BLSPKDConfig,
+    params,
+    tokenizer,
+    *,
+    system_prompt,
+    instruction,
+    chat_template,
+    step,
+    metrics,
+    source,
+    max_shard_bytes,
+    llm_dir,
+    max_new_tokens,
+) -> None:
     tokenizer = copy.deepcopy(tokenizer)
     if chat_template:
         tokenizer.chat_template = chat_template  # the template the run trained with travels along
@@ -201,7 +266,6 @@ def save_exported(
     (out / "README.md").write_text(
         model_card(model_cfg, step=step, train=train, evaluation=evaluation, source=source)
     )
-    return out
 
 
 def export_run(
@@ -212,9 +276,11 @@ def export_run(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     llm_dir: bool = True,
     run=None,
+    force: bool = False,
 ) -> Path:
-    """Export the run in `workdir` at checkpoint `step` (None: the latest) to `out`.
-    `run`: the already loaded `workdir.Run`, to skip loading it again."""
+    """Export the run in `workdir` at checkpoint `step` (None: the latest) to `out` (see
+    `save_exported` for `force`). `run`: the already loaded `workdir.Run`, to skip loading it
+    again."""
     if run is None:
         run = load_run(workdir, step)
     d = run.config.data
@@ -232,6 +298,7 @@ def export_run(
         source=str(workdir),
         max_shard_bytes=max_shard_bytes,
         llm_dir=llm_dir,
+        force=force,
     )
 
 

@@ -213,7 +213,7 @@ def greedy(
     attention_mask=None,
     eos_token_id: int | Sequence[int] | None = None,
 ) -> jax.Array:
-    """Prompt and greedy continuation, `[B, L + max_new_tokens]` (SPEC section 8).
+    """Prompt and greedy continuation, `[B, L + max_new_tokens]` (README's Python API).
 
     The same ids as transformers' `generate(do_sample=False)` for that model on left-padded
     prompts: `eos_token_id` None means the model config's eos; after a row's eos come pad ids

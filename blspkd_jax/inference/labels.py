@@ -1,4 +1,4 @@
-"""Continuation labels (BLSP's "continuation writing", SPEC section 5): the frozen LLM continues
+"""Continuation labels (BLSP's "continuation writing", docs/method.md §5): the frozen LLM continues
 each transcript under an instruction, and that continuation becomes the row's `response`
 (`python -m blspkd_jax.labels`).
 
@@ -170,7 +170,7 @@ def label_manifest(manifest: str, out: str, module, params, tokenizer, **kwargs)
     (rows kept, rows generated). The finished file lists the rows in the manifest's order.
     """
     if os.path.abspath(manifest) == os.path.abspath(out):
-        raise ValueError(f"--out {out} must differ from --manifest (the input is never rewritten)")
+        raise DataError(f"--out {out} must differ from --manifest (the input is never rewritten)")
     folder = os.path.dirname(os.path.abspath(out))
     # Audio paths that resolve from OUT's folder (relative ones were relative to the manifest's).
     rows = [{**r.fields, "audio": r.audio_from(folder)} for r in read_rows(manifest)]

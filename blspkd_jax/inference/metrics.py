@@ -1,5 +1,5 @@
-"""The scores of SPEC section 9 on response strings: WER (jiwer), BLEU (sacrebleu) and exact match,
-used by evaluation and by the demo's stand-in teacher alike."""
+"""The scores of docs/method.md §7 on response strings: WER (jiwer), BLEU (sacrebleu) and exact
+match, used by evaluation and by the demo's stand-in teacher alike."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data.features import log_mel, pad_features
 from blspkd_jax.data.layout import text_ids
-from blspkd_jax.data.manifest import DataError
+from blspkd_jax.data.manifest import BadRow, DataError
 from blspkd_jax.inference.generate import bucket_length, decode_response, generate, stop_token_ids
 from blspkd_jax.models.blspkd import BLSPKD, splice_speech
 from blspkd_jax.models.llm import LLM
@@ -73,10 +73,10 @@ def build_prompts(
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _speech_vectors(params, features, feature_mask, *, model: BLSPKD):
-    tokens, token_mask, _ = model.apply(
+    tokens, token_mask, aux = model.apply(
         {"params": params}, features, feature_mask, method=BLSPKD.speech
     )
-    return tokens, token_mask.sum(-1)
+    return tokens, token_mask.sum(-1), aux["alphas"]
 
 
 def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
@@ -85,10 +85,19 @@ def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
 
     log-mel `[B, n_mels, F]`, mask `[B, F]` -> (vectors `[B, max_tokens, H]`, N `[B]` int).
     """
-    tokens, counts = _speech_vectors(
+    tokens, counts, _ = _speech_vectors(
         run.params, jnp.asarray(features), jnp.asarray(feature_mask), model=run.model
     )
     return tokens, np.asarray(counts)
+
+
+def speech_alphas(run, features, feature_mask) -> np.ndarray:
+    """The CFormer's firing weights `[B, ceil(F/2)]` for log-mel `[B, n_mels, F]` (0 on padding),
+    from the same compiled program as `speech_vectors`."""
+    _, _, alphas = _speech_vectors(
+        run.params, jnp.asarray(features), jnp.asarray(feature_mask), model=run.model
+    )
+    return np.asarray(alphas)
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
@@ -153,7 +162,7 @@ def _instructions(rows, instruction: str | None) -> list[str | None]:
 
 def frame_bucket(run, frames: int) -> int:
     """Mel frames to pad a batch to: the encoder's full window in 30 s mode, else the smallest
-    of the run's `data.frame_buckets` that fits (else the encoder's window)."""
+    of the run's frame buckets that fits (else the encoder's window)."""
     enc = run.model.config.encoder
     window = 2 * enc.max_source_positions
     if frames > window:
@@ -163,7 +172,7 @@ def frame_bucket(run, frames: int) -> int:
         )
     if enc.pad_to_30s:
         return window
-    return next((int(f) for f in run.config.data.frame_buckets if f >= frames), window)
+    return next((int(f) for f in run.data.frame_buckets if f >= frames), window)
 
 
 def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +201,29 @@ def audio_lengths(rows) -> list[int]:
         except audio_lib.AudioError as e:
             raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
     return lengths
+
+
+def usable_rows(run, rows, manifest: str) -> tuple[list, list[BadRow]]:
+    """(rows the run can answer, the others as `MANIFEST:LINE: reason`): the audio must exist,
+    decode, hold more than one STFT window and fit the encoder's window. Read from the file
+    headers only (nothing is decoded)."""
+    window = 2 * run.model.config.encoder.max_source_positions
+    good, bad = [], []
+    for r in rows:
+        try:
+            n = audio_lib.probe(r.audio, r.offset, r.duration).num_samples_16k
+        except audio_lib.AudioError as e:
+            bad.append(BadRow(manifest, r.line, str(e), r.audio))
+            continue
+        frames = audio_lib.num_frames(n)
+        if n <= audio_lib.MIN_SAMPLES:
+            bad.append(BadRow(manifest, r.line, f"audio has {n} samples, too short", r.audio))
+        elif frames > window:
+            reason = f"audio is {n / 16000:.2f} s, longer than the encoder's {window / 100:g} s"
+            bad.append(BadRow(manifest, r.line, reason, r.audio))
+        else:
+            good.append(r)
+    return good, bad
 
 
 def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -279,7 +311,7 @@ def text_responses(
 ) -> list[str]:
     """Greedy responses to each row's transcript (`Row.text`) in the same prompt: what the
     frozen LLM (PLoRA off) says when it reads the text. Speech and text responses that agree
-    are the exact-match metric (SPEC section 9)."""
+    are the exact-match metric (docs/method.md §7)."""
     rows = list(rows)
     spans = text_ids(run.tokenizer, [r.text for r in rows]) if rows else []
     lengths = lambda _rows: [len(s) for s in spans]  # tokenized once, above

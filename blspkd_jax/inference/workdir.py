@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
 from blspkd_jax.data.layout import ChatLayout
+from blspkd_jax.data.pipeline import DataConfig
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD
 from blspkd_jax.training import build, checkpoint, optim, weights
@@ -44,6 +45,7 @@ class Run:
     layout: ChatLayout
     mesh: Mesh
     loss_cfg: LossConfig
+    data: DataConfig  # the run's data options for one process (frame buckets, mel bins, ...)
 
     @property
     def llm_params(self) -> dict:
@@ -113,4 +115,5 @@ def load_run(
         layout=layout,
         mesh=mesh,
         loss_cfg=build.loss_config(config),
+        data=build.data_config(config, model.config, 1),
     )

@@ -1,4 +1,4 @@
-"""The CFormer adapter (SPEC section 2): Whisper encoder output `[B, T, D]` -> speech tokens
+"""The CFormer adapter (docs/method.md §2): Whisper encoder output `[B, T, D]` -> speech tokens
 `[B, N, H]` in the LLM's embedding width, exactly one per transcript token, cut by CIF."""
 
 from __future__ import annotations

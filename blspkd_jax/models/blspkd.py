@@ -4,7 +4,7 @@
 One batch layout (`blspkd_jax.data.layout`) serves both passes. The teacher reads `input_ids`; the
 student reads the same sequence with the transcript span (`speech_mask`) replaced, in order, by the
 N speech vectors the CFormer cut from the audio. Because CIF emits exactly N vectors in training,
-both sequences have the same length, positions and attention mask (SPEC section 4).
+both sequences have the same length, positions and attention mask (docs/method.md §4).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Continuous integrate-and-fire (CIF, SPEC section 3): speech frames `[B, T, C]` cut into exactly
-one vector per transcript token `[B, N, C]`, and the quantity loss that teaches the firing weights.
+"""Continuous integrate-and-fire (CIF, docs/method.md §3): speech frames `[B, T, C]` cut into
+exactly one vector per transcript token `[B, N, C]`, and the quantity loss that teaches the firing
+weights.
 
 Three implementations compute the same tokens (tests hold them equal to a float64 frame loop,
 gradients included): "segment" (each frame feeds only the few tokens it touches: one small matmul
@@ -465,7 +466,7 @@ def cif(
 
 
 def quantity_loss(alphas, frame_mask, target_lengths, example_mask=None):
-    """`|sum_t alpha_bt - n_b| / n_b` of the unscaled alphas over valid frames (SPEC section 3),
+    """`|sum_t alpha_bt - n_b| / n_b` of the unscaled alphas over valid frames (docs/method.md §3),
     averaged over the real examples (`example_mask [B]`, None = all); an example with n = 0
     divides by 1 instead. Batch filler rows (example_mask False) count for nothing."""
     a = jnp.asarray(alphas, jnp.float32)

@@ -240,7 +240,7 @@ def write_config(path: str | os.PathLike, config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Public loaders (SPEC section 8) and their inverses.
+# Public loaders (README's Python API) and their inverses.
 
 
 def load_whisper_encoder(path, dtype=jnp.float32, **overrides):

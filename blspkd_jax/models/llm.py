@@ -2,10 +2,9 @@
 and its mapping to and from Hugging Face checkpoints (its config lives in `llm_config.py`).
 
 One module serves every family through config switches: grouped-query attention, QKV/output/MLP
-biases, per-head q/k RMSNorm, tied embeddings, RoPE theta and "linear"/"llama3" RoPE scaling.
-PLoRA (SPEC section 2) adds `m * (B A dropout(x)) * alpha / r` to targeted projections, with `m` a
-per-position mask; a zero or absent mask leaves the base model's output bit for bit unchanged.
-"""
+biases, per-head q/k RMSNorm, tied embeddings, RoPE theta and "linear"/"llama3" RoPE scaling. PLoRA
+(docs/method.md §2) adds `m * (B A dropout(x)) * alpha / r` to targeted projections, with `m` a
+per-position mask; a zero or absent mask leaves the base model's output bit for bit unchanged."""
 
 from __future__ import annotations
 

@@ -38,7 +38,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config(arg) function")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (TypeError, AttributeError, KeyError) as e:
+        # ml-collections refuses a value of another type, and an unknown key of a locked dict.
+        raise ConfigError(f"{path}: get_config({arg!r}): {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
             f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict"
@@ -77,11 +81,15 @@ def _parse_value(key: str, text: str, current):
             except (ValueError, SyntaxError):
                 return text
         return text
+    # A tuple is the value people most often write without its syntax (--config.x=^adapter/).
+    hint = ""
+    if isinstance(current, tuple | list):
+        hint = f'; a tuple is written with quotes and a comma: --config.{key}="({text!r},)"'
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         raise ConfigError(
-            f"--config.{key}: could not parse {text!r} as {type(current).__name__}"
+            f"--config.{key}: could not parse {text!r} as {type(current).__name__}{hint}"
         ) from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -89,7 +97,8 @@ def _parse_value(key: str, text: str, current):
         return type(current)(value)
     if not isinstance(value, type(current)):
         raise ConfigError(
-            f"--config.{key}: expected {type(current).__name__} (default {current!r}), got {text!r}"
+            f"--config.{key}: expected {type(current).__name__} (default {current!r}), "
+            f"got {text!r}{hint}"
         )
     return value
 
@@ -100,11 +109,13 @@ def set_key(config: ml_collections.ConfigDict, key: str, value, *, parse: bool =
     parts = key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            close = difflib.get_close_matches(key, list(flatten(config)), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             where = ".".join(parts[:i]) or "<top level>"
             known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             raise ConfigError(
-                f"unknown config key {key!r}: {where} has no {part!r} "
-                f"(known keys: {', '.join(known)})"
+                f"unknown config key {key!r} ({hint}{where} has no {part!r}; its keys: "
+                f"{', '.join(known)})"
             )
         if i < len(parts) - 1:
             node = node[part]
@@ -194,12 +205,13 @@ def base_config() -> ml_collections.ConfigDict:
         {
             "train_manifest": "",
             "eval_manifest": "",
-            "frame_buckets": (1000, 2000, 3000),
+            # (): the encoder's window in 30 s mode, else a quarter, half and all of it.
+            "frame_buckets": (),
             "token_buckets": (64, 128, 256),
             "min_seconds": 0.1,
             "max_seconds": 30.0,
             "max_text_tokens": 200,
-            "n_mels": 80,
+            "n_mels": 0,  # 0: the encoder's num_mel_bins
             "worker_count": 2,
             "worker_buffer_size": 2,
             "shuffle": True,

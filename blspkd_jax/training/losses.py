@@ -1,6 +1,6 @@
 """The distillation losses (KL teacher || student, response cross-entropy) and the top-1 metric,
 computed in row tiles from hidden states and the frozen output head so that no [M, V] logits array
-is ever materialised (SPEC sections 4 and 8).
+is ever materialised (docs/method.md §4).
 
 Rows M are the selected positions flattened over the batch (B*L, or only the positions a loss
 uses); H is the LLM width, V the vocabulary. One tiler (`_map_row_tiles`) and one custom VJP
@@ -178,7 +178,7 @@ def _tiled_weighted_means_bwd(terms, columns, tile_rows, residuals, g):
     # elementwise product and sum (J and K are tiny), so no matmul precision setting applies.
     per_term = jnp.sum((scale * g)[:, :, None] * uses[None], axis=1)  # [M, J]
     grad = jnp.sum(per_term[:, :, None] * dx.astype(jnp.float32), axis=1)
-    # Gradients flow to x only (SPEC section 8): aux (the teacher, the labels) is under
+    # Gradients flow to x only (README's Python API): aux (the teacher, the labels) is under
     # stop-gradient, lm_head is frozen and the weights are a selection: symbolic zeros for those.
     return grad.astype(dx.dtype), None, None, None
 

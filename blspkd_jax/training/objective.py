@@ -1,4 +1,4 @@
-"""The BLSP-KD objective on the composed model (SPEC section 4): which rows each loss reads, the
+"""The BLSP-KD objective on the composed model (docs/method.md §4): which rows each loss reads, the
 loss terms from one tiled pass over the vocabulary, and the teacher/student consistency metrics
 that evaluation reports with the same row selections.
 
@@ -28,7 +28,7 @@ LOSS_NAMES = ("input_kl", "response_kl", "response_ce", "cif")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights (SPEC section 4 defaults) and the KL temperature."""
+    """Loss weights (docs/method.md §4 defaults) and the KL temperature."""
 
     input_kl: float = 1.0
     response_kl: float = 1.0
@@ -114,7 +114,7 @@ def _vocabulary_terms(s, t, head, batch, rows, loss_cfg: LossConfig) -> dict[str
 
 # ----------------------------------------------------------------------------------------------
 # Consistency: how far the student's next-token predictions are from the teacher's on held-out
-# pairs (SPEC section 9), from one jitted pass of both per batch.
+# pairs (docs/method.md §7), from one jitted pass of both per batch.
 
 CONSISTENCY_KEYS = ("input_kl", "response_kl", "top1_input", "top1_response", "cif_length_error")
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from blspkd_jax.data.pipeline import DataConfig, eval_pipeline, train_pipeline
+from blspkd_jax.data.pipeline import eval_pipeline, train_pipeline
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, example_batch
 from blspkd_jax.training import build, checkpoint, optim, train_state, weights
@@ -78,6 +81,106 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> f
     return 2 * n**3 / best
 
 
+# What a resumed run may change: how long it runs, what it logs and where it runs, not what or
+# how it learns.
+RESUMABLE_KEYS = (
+    "total_steps",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_every_steps",
+    "eval_max_batches",
+    "max_consecutive_nonfinite",
+    "peak_tflops_per_device",
+    "mesh.",
+    "distributed.",
+    "data.worker_count",
+    "data.worker_buffer_size",
+    "data.eval_manifest",
+)
+
+
+def check_resume(config, workdir: Path) -> None:
+    """A workdir with checkpoints resumes only under the config it was trained with (apart from
+    RESUMABLE_KEYS): anything else is a ConfigError naming the first keys that differ."""
+    saved = workdir / "config.json"
+    if not checkpoint.steps(workdir) or not saved.is_file():
+        return
+    old = config_lib.flatten(config_lib.read_saved_config(saved))
+    new = config_lib.flatten(config)
+    changed = [
+        k
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
+    ]
+    if changed:
+        diffs = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:3])
+        raise config_lib.ConfigError(
+            f"{workdir} holds checkpoints of a run with another config ({diffs}"
+            f"{', ...' if len(changed) > 3 else ''}): rerun with the same config to resume, or "
+            "choose a new --workdir"
+        )
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM while training: the first asks the loop to save a checkpoint at
+    the end of the current step and exit; a second exits at once, leaving the last complete
+    checkpoint intact (orbax renames a save into place only once it is whole).
+
+    A thread reads the signals from a wakeup fd, so each is acknowledged the moment it arrives,
+    even while the main thread waits for the device inside a step."""
+
+    def __init__(self, signals):
+        self.signals = set(signals)
+        self.signum: int | None = None
+        self.finishing = False  # the loop is over: a signal stops the final evaluation
+        self._read, write = socket.socketpair()
+        self._write = write
+        write.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+        # The Python-level handler does nothing: the thread below acts on every signal.
+        self._old = {s: signal.signal(s, lambda *_: None) for s in self.signals}
+        threading.Thread(target=self._watch, daemon=True, name="stop-request").start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = self._read.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self.signals:
+                    self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None and not self.finishing:
+            self.signum = signum
+            print(
+                f"\n{name}: saving a checkpoint after this step, then exiting (Ctrl-C again "
+                "quits at once); rerun the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        print(
+            f"\n{name}: quitting now; the last complete checkpoint is kept, rerun the same "
+            "command to resume from it",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._write.close()
+        self._read.close()
+
+
 class Trainer:
     """Everything one run holds; `run()` trains to `total_steps`."""
 
@@ -86,18 +189,27 @@ class Trainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
+        # Everything the config decides is checked here, before any weight is read or any
+        # program compiled; each mistake is one ConfigError naming its key.
+        self.model_cfg = build.model_config(config)
+        build.check_config(config, self.model_cfg)
+        self.data_cfg = build.data_config(config, self.model_cfg, jax.process_count())
+        check_resume(config, self.workdir)
+        try:
+            self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
+        replicas = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if (config.batch_size // config.grad_accum_steps) % replicas:
+            raise config_lib.ConfigError(
+                f"batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} "
+                f"must be a multiple of mesh.data x mesh.fsdp = {replicas} (the batch is split "
+                "over them)"
+            )
         if self.is_main:
             config_lib.save_config(config, self.workdir / "config.json")
-
-        self.model_cfg = build.model_config(config)
         self.model = BLSPKD(self.model_cfg)
         self.loss_cfg = build.loss_config(config)
-        if config.data.n_mels != self.model_cfg.encoder.num_mel_bins:
-            raise ValueError(
-                f"data.n_mels={config.data.n_mels} but the encoder expects "
-                f"{self.model_cfg.encoder.num_mel_bins} mel bins"
-            )
-        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         log.info(
             "%d processes, %d devices, mesh %s",
             jax.process_count(),
@@ -110,33 +222,29 @@ class Trainer:
             grad_accum_steps=config.grad_accum_steps,
         )
         o = config.optim
-        self.tx, self.schedule = optim.make_optimizer(
-            learning_rate=o.learning_rate,
-            warmup_steps=o.warmup_steps,
-            total_steps=config.total_steps,
-            decay=o.decay,
-            end_factor=o.end_factor,
-            weight_decay=o.weight_decay,
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            grad_clip_norm=o.grad_clip_norm,
-        )
+        try:
+            self.tx, self.schedule = optim.make_optimizer(
+                learning_rate=o.learning_rate,
+                warmup_steps=o.warmup_steps,
+                total_steps=config.total_steps,
+                decay=o.decay,
+                end_factor=o.end_factor,
+                weight_decay=o.weight_decay,
+                b1=o.b1,
+                b2=o.b2,
+                eps=o.eps,
+                grad_clip_norm=o.grad_clip_norm,
+            )
+        except ValueError as e:  # optim.* out of range
+            raise config_lib.ConfigError(str(e)) from None
 
         self.tokenizer = build.tokenizer_path(config)
-        self.data_cfg = DataConfig.from_config(config, jax.process_count())
         self.train_data = train_pipeline(self.data_cfg, self.tokenizer, str(self.workdir))
         self.eval_data = (
             eval_pipeline(self.data_cfg, self.tokenizer, str(self.workdir))
             if config.data.eval_manifest
             else None
         )
-        max_n = int(config.data.max_text_tokens)
-        if max_n > self.model_cfg.adapter.max_tokens:
-            raise ValueError(
-                f"data.max_text_tokens={max_n} exceeds model.adapter.max_tokens="
-                f"{self.model_cfg.adapter.max_tokens}: CIF could not emit one vector per token"
-            )
 
         params = weights.assemble_params(config, self.model, self.mesh)
         self.state, self.state_shardings = train_state.create_state(
@@ -183,16 +291,18 @@ class Trainer:
     def run(self) -> dict:
         config = self.config
         writer = MetricWriter(self.workdir, self.is_main)
-        stop = {"signal": None}
-
-        def on_signal(signum, frame):
-            stop["signal"] = signum
-
+        log.info(
+            "metrics go to %s and TensorBoard events to %s; draw them with python -m "
+            "blspkd_jax.plot curves --workdir %s",
+            self.workdir / "metrics.jsonl",
+            self.workdir / "tensorboard",
+            self.workdir,
+        )
         # Several processes must stop at the same step, or the others wait forever in the next
         # collective: there JAX's preemption service owns SIGTERM and orbax tells every process
         # the agreed step (`reached_preemption`). One process handles the signal itself.
         signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
-        old = {s: signal.signal(s, on_signal) for s in signals}
+        stop = StopRequest(signals)
         peak = config.peak_tflops_per_device * 1e12 or measure_matmul_peak()
         rng = jax.random.PRNGKey(config.seed)
         start = int(self.state.step)
@@ -245,12 +355,19 @@ class Trainer:
                 if step % config.checkpoint_every_steps == 0:
                     self.save()
                 if self.ckpt.reached_preemption(step):
-                    stop["signal"] = stop["signal"] or signal.SIGTERM
-                if stop["signal"] is not None:
-                    log.warning("signal %d: saving at step %d and exiting", stop["signal"], step)
+                    stop.signum = stop.signum or signal.SIGTERM
+                if stop.signum is not None:
                     self.save(force=True)
                     self.ckpt.wait_until_finished()
-                    sys.exit(128 + stop["signal"])
+                    log.warning(
+                        "stopped at step %d (%s); checkpoint saved in %s: rerun the same command "
+                        "to resume",
+                        step,
+                        signal.Signals(stop.signum).name,
+                        self.workdir / "checkpoints",
+                    )
+                    sys.exit(128 + stop.signum)
+            stop.finishing = True
             self.save(force=True)
             self.ckpt.wait_until_finished()
             if self.eval_data is not None:
@@ -258,8 +375,7 @@ class Trainer:
                 writer.write(int(self.state.step), final, prefix="eval/")
                 last.update({f"eval/{k}": v for k, v in final.items()})
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            stop.close()
             if bar is not None:
                 bar.close()
             writer.close()

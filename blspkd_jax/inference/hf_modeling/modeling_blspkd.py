@@ -4,7 +4,7 @@ PLoRA, plus `generate_from_audio` for greedy responses to 16 kHz audio.
 
 Self-contained (torch, numpy and transformers only) so that it ships inside the export and loads
 with `AutoModel.from_pretrained(DIR, trust_remote_code=True)`. It mirrors the JAX model exactly:
-same masking, the same inference-mode CIF (SPEC section 3, closed form), PLoRA kept unmerged and
+same masking, the same inference-mode CIF (docs/method.md §3, closed form), PLoRA kept unmerged and
 switched on only at speech positions of the prompt (never while decoding).
 """
 
