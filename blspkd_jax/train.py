@@ -44,11 +44,8 @@ def main(argv=None) -> int:
             print(json.dumps({"step": int(trainer.state.step), **final}, indent=1))
         return 0
 
-    return cli.run(
-        body,
-        interrupted="interrupted before training started: nothing to save; rerun the same "
-        "command to start (or resume from the last checkpoint)",
-    )
+    # Once the Trainer exists, its StopRequest answers Ctrl-C; this covers parsing and set-up.
+    return cli.run(body, interrupted="interrupted before training started: nothing to save")
 
 
 if __name__ == "__main__":

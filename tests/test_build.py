@@ -1,6 +1,7 @@
 """From a run's config to its model and data, checked before anything compiles: what a pretrained
 encoder decides (mel bins, frame buckets), the clashes named by key, and a resumed workdir."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -116,3 +117,10 @@ def test_a_workdir_resumes_only_under_its_own_config(tmp_path):
     check_resume(_tiny("total_steps=5000", "mesh.fsdp=2", "log_every_steps=1"), tmp_path)
     with pytest.raises(ConfigError, match=r"optim.learning_rate=0.002 there, 0.001 now"):
         check_resume(_tiny("optim.learning_rate=1e-3"), tmp_path)
+    # A run saved before a key existed resumes while that key keeps its default.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["loss"]["tile_rows"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume(_tiny(), tmp_path)
+    with pytest.raises(ConfigError, match="loss.tile_rows=0 there, 32 now"):
+        check_resume(_tiny("loss.tile_rows=32"), tmp_path)

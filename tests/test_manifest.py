@@ -180,6 +180,18 @@ def test_check_command_line(tmp_path, tok):
     assert len(lines) == len(expect)
     for text, (line, reason) in zip(lines, sorted(expect.items()), strict=True):
         assert text.startswith(f"{path}:{line}: ") and reason in text
+    total = sum(1 for x in path.read_text().splitlines() if x.strip())
+    assert f"{path}: {total - len(expect)} of {total} rows usable" in out.stderr
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"audio": "ok.wav", "text": "the cat"}) + "\n")
     assert check.main([str(good)]) == 0
+
+
+def test_check_refuses_an_empty_manifest_and_a_token_limit_without_a_tokenizer(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert check.main([str(empty)]) == 1
+    assert "no rows (the manifest is empty)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        check.main([str(empty), "--max-text-tokens", "10"])
+    assert e.value.code == 2 and "needs --tokenizer" in capsys.readouterr().err

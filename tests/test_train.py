@@ -257,3 +257,25 @@ def test_a_second_signal_quits_at_once(tmp_path):
     assert "asked: True" in p.stdout and "still alive" not in p.stdout
     assert "SIGUSR1: saving a checkpoint after this step" in p.stderr
     assert "SIGUSR1: quitting now; the last complete checkpoint is kept" in p.stderr
+
+
+def test_a_signal_while_starting_exits_even_inside_a_gc_callback():
+    """Before `started()`, a signal exits at once with the starting message, even when it lands
+    inside a garbage-collector callback (where Python drops a KeyboardInterrupt)."""
+    script = (
+        "import gc, os, signal, time\n"
+        "from blspkd_jax.training.trainer import StopRequest\n"
+        "stop = StopRequest([signal.SIGUSR1], starting='nothing to save yet')\n"
+        "def callback(phase, info):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(2)\n"
+        "gc.callbacks.append(callback)\n"
+        "gc.collect()\n"
+        "time.sleep(5)\n"
+        "print('still alive', flush=True)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
+    assert "SIGUSR1: nothing to save yet" in p.stderr and "still alive" not in p.stdout

@@ -106,13 +106,13 @@ def check_resume(config, workdir: Path) -> None:
     saved = workdir / "config.json"
     if not checkpoint.steps(workdir) or not saved.is_file():
         return
-    old = config_lib.flatten(config_lib.read_saved_config(saved))
+    # A key the saved config lacks (added to base_config since) counts as its default.
+    old = {
+        **config_lib.flatten(config_lib.base_config()),
+        **config_lib.flatten(config_lib.read_saved_config(saved)),
+    }
     new = config_lib.flatten(config)
-    changed = [
-        k
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
-    ]
+    changed = [k for k in sorted(new) if old.get(k) != new[k] and not k.startswith(RESUMABLE_KEYS)]
     if changed:
         diffs = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:3])
         raise config_lib.ConfigError(
@@ -127,12 +127,18 @@ class StopRequest:
     the end of the current step and exit; a second exits at once, leaving the last complete
     checkpoint intact (orbax renames a save into place only once it is whole).
 
-    A thread reads the signals from a wakeup fd, so each is acknowledged the moment it arrives,
-    even while the main thread waits for the device inside a step."""
+    Given `starting`, a signal before `started()` (while the model is built and compiled: there
+    is nothing to save yet) prints that message and exits at once.
 
-    def __init__(self, signals):
+    A thread reads the signals from a wakeup fd, so each is acknowledged the moment it arrives,
+    even while the main thread waits for the device inside a step or compiles. (A plain
+    KeyboardInterrupt is not enough: raised inside a garbage-collector callback, Python drops it.)
+    """
+
+    def __init__(self, signals, starting: str | None = None):
         self.signals = set(signals)
         self.signum: int | None = None
+        self.starting = starting
         self.finishing = False  # the loop is over: a signal stops the final evaluation
         self._read, write = socket.socketpair()
         self._write = write
@@ -154,8 +160,15 @@ class StopRequest:
                 if signum in self.signals:
                     self._on_signal(signum)
 
+    def started(self) -> None:
+        self.starting = None
+
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if self.starting is not None:
+            print(f"\n{name}: {self.starting}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
         if self.signum is None and not self.finishing:
             self.signum = signum
             print(
@@ -185,6 +198,22 @@ class Trainer:
     """Everything one run holds; `run()` trains to `total_steps`."""
 
     def __init__(self, config, workdir: str | Path):
+        # Several processes must stop at the same step, or the others wait forever in the next
+        # collective: there JAX's preemption service owns SIGTERM and orbax tells every process
+        # the agreed step (`reached_preemption`). One process handles the signal itself.
+        signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
+        self.stop = StopRequest(
+            signals,
+            starting="interrupted before training started: nothing to save; rerun the same "
+            "command to start (or resume from the last checkpoint)",
+        )
+        try:
+            self._start(config, workdir)
+        except BaseException:
+            self.stop.close()
+            raise
+
+    def _start(self, config, workdir: str | Path) -> None:
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -298,11 +327,7 @@ class Trainer:
             self.workdir / "tensorboard",
             self.workdir,
         )
-        # Several processes must stop at the same step, or the others wait forever in the next
-        # collective: there JAX's preemption service owns SIGTERM and orbax tells every process
-        # the agreed step (`reached_preemption`). One process handles the signal itself.
-        signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
-        stop = StopRequest(signals)
+        stop = self.stop
         peak = config.peak_tflops_per_device * 1e12 or measure_matmul_peak()
         rng = jax.random.PRNGKey(config.seed)
         start = int(self.state.step)
@@ -323,6 +348,7 @@ class Trainer:
                 gbatch = sharding.global_batch(self.mesh, batch)
                 self.state, metrics = step_fn(self.state, gbatch, rng)
                 step = int(self.state.step)
+                stop.started()  # the first step is compiled and done: a signal now saves
                 skipped = int(metrics["skipped"])
                 total_skipped += skipped
                 consecutive_bad = consecutive_bad + 1 if skipped else 0
