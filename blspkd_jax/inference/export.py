@@ -167,12 +167,9 @@ def save_exported(
     """
     final = Path(out)
     check_out(final, force)
-    out = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    try:
+    with hf.atomic_directory(final) as tmp:
         _write_export(
-            out,
+            tmp,
             model_cfg,
             params,
             tokenizer,
@@ -186,13 +183,6 @@ def save_exported(
             llm_dir=llm_dir,
             max_new_tokens=max_new_tokens,
         )
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        out.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     return final
 
 

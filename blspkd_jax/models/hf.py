@@ -9,10 +9,12 @@ objects; nothing here ever unpickles with full pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -237,6 +239,26 @@ def write_config(path: str | os.PathLike, config: dict) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `out` to write into; when the block ends without an error it
+    replaces `out` whole, otherwise it is deleted. So a reader never sees a half-written `out`,
+    nor a mix of old and new files."""
+    final = Path(out)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
