@@ -1,8 +1,14 @@
 """The demo's record of what each stage was built with: a stage built with other settings (or
 downstream of a rebuilt one) is rebuilt, the same settings resume, and --quick has its own
-default workdir."""
+default workdir; a change to the config file itself rebuilds a training stage; results.json has
+the shape README documents."""
 
-from blspkd_jax.demo.stages import Stamps, default_workdir
+from pathlib import Path
+
+from blspkd_jax.demo.stages import STAGES, Stamps, default_workdir, fingerprint, results_markdown
+from blspkd_jax.training import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stages_built_with_other_settings_are_rebuilt(tmp_path, capsys):
@@ -41,3 +47,33 @@ def test_quick_has_its_own_workdir():
     assert str(default_workdir(None, quick=True)) == "runs/demo-quick"
     assert str(default_workdir(None, quick=False)) == "runs/demo"
     assert str(default_workdir("elsewhere", quick=True)) == "elsewhere"
+
+
+def test_a_change_to_the_config_file_changes_the_fingerprint():
+    config = config_lib.load_config(f"{REPO / 'configs/tiny.py'}:stage1")
+    before = fingerprint(config)
+    assert fingerprint(config_lib.load_config(f"{REPO / 'configs/tiny.py'}:stage1")) == before
+    config.model.adapter.n_pre += 1  # what an edit to configs/tiny.py does to the resolved config
+    assert fingerprint(config) != before
+
+
+def test_results_table_reads_every_stage_and_whisper():
+    keys = (
+        "input_kl",
+        "response_kl",
+        "exact_match_repeat",
+        "wer_repeat",
+        "exact_match_continuation",
+    )
+    stages = {n: {k: i / 10 for k in keys} | {"rows": 12} for i, n in enumerate(STAGES)}
+    recordings = [
+        {"words": "Front Left", "asr": {"student_hears": "front | left", "teacher_reads": "x"},
+         "continuation": {"student_hears": "a\nb", "teacher_reads": "y"}},
+    ]  # fmt: skip
+    table = results_markdown(
+        {"stages": stages, "asr_wer": 0.32, "asr_exact_match": 0.3, "export": "runs/demo/hf",
+         "export_agreement": "4/4", "recordings": recordings}
+    )  # fmt: skip
+    assert "| WER of 'repeat' from speech | 0.000 | 0.100 | 0.200 |" in table
+    assert "same 12 held-out utterances: WER 0.320, exact match 0.300" in table
+    assert "| Front Left | front / left | x | a b | y |" in table

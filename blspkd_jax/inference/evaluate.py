@@ -15,7 +15,7 @@ from pathlib import Path
 from blspkd_jax.data import manifest as manifest_lib
 from blspkd_jax.data.manifest import BadRow, DataError, write_jsonl
 from blspkd_jax.data.pipeline import eval_pipeline
-from blspkd_jax.inference.metrics import bleu, exact_match, wer
+from blspkd_jax.inference.metrics import bleu, exact_match, sentence_match, wer
 from blspkd_jax.inference.respond import speech_responses, text_responses
 from blspkd_jax.inference.workdir import Run, RunError, load_run
 from blspkd_jax.training.objective import consistency
@@ -34,6 +34,8 @@ DESCRIPTIONS = {
     "exact_match": "greedy response from speech == greedy response from the transcript",
     "wer": "WER of the speech response against the transcript",
     "wer_text": "WER of the transcript-prompt response against the transcript",
+    "sentence_match": "speech response == transcript (normalised; 1 - sentence error rate)",
+    "sentence_match_text": "transcript-prompt response == transcript (normalised)",
     "bleu": "corpus BLEU of the speech responses against the references",
     "bleu_text": "corpus BLEU of the transcript-prompt responses against the references",
 }
@@ -97,7 +99,8 @@ def evaluate_run(
     - consistency (`consistency()`): input_kl, response_kl, top1_input, top1_response,
       cif_length_error, over an eval pipeline built from the run's data config;
     - exact_match: greedy speech responses vs greedy transcript responses;
-    - task "asr": wer (speech response vs the transcript) and wer_text (the text prompt's);
+    - task "asr": wer (speech response vs the transcript) and wer_text (the text prompt's),
+      sentence_match and sentence_match_text (whole response == transcript, normalised);
     - bleu and bleu_text against each row's "reference" (its reference output, e.g. the
       translation) when every row has one; task "translation" requires them;
     - task None: "translation" when every row has a "reference", else "continuation".
@@ -151,6 +154,8 @@ def evaluate_run(
     if task == "asr":
         metrics["wer"] = wer(speech, [r.text for r in rows])
         metrics["wer_text"] = wer(text, [r.text for r in rows])
+        metrics["sentence_match"] = sentence_match(speech, [r.text for r in rows])
+        metrics["sentence_match_text"] = sentence_match(text, [r.text for r in rows])
     missing = [r.line for r, o in zip(rows, objs, strict=True) if REFERENCE_KEY not in o]
     if task == "translation" and missing:
         raise DataError(

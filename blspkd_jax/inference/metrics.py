@@ -46,3 +46,14 @@ def exact_match(a: Sequence[str], b: Sequence[str]) -> float:
     if not a:
         return float("nan")
     return sum(x.strip() == y.strip() for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def sentence_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of rows whose hypothesis equals its reference after `normalize_text` (one minus
+    the sentence error rate of ASR)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"sentence_match: {len(hypotheses)} hypotheses, {len(references)} refs")
+    if not hypotheses:
+        return float("nan")
+    pairs = zip(hypotheses, references, strict=True)
+    return sum(normalize_text(h) == normalize_text(r) for h, r in pairs) / len(hypotheses)
