@@ -59,7 +59,8 @@ def step_rate(llm_dir: Path, whisper_dir: Path, demo: Path, workdir: Path, steps
         f"--config.model.encoder.hf_path={whisper_dir}", "--config.model.encoder.pad_to_30s=false",
         "--config.train.trainable=('^adapter/',)", f"--config.total_steps={steps}",
         "--config.log_every_steps=1", "--config.data.frame_buckets=(500,)",
-        "--config.data.token_buckets=(80,)", "--config.peak_tflops_per_device=1",
+        "--config.data.token_buckets=(80,)", "--config.data.max_seconds=5.0",
+        "--config.peak_tflops_per_device=1",
     ]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
+from transformers import AutoTokenizer
 
 from blspkd_jax.convert.common import check_out
 from blspkd_jax.models import hf
@@ -37,8 +40,6 @@ _TOP_MAP = {
 
 
 def _reader(path: Path):
-    import gguf
-
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
@@ -103,8 +104,6 @@ def read_config(reader, path: Path) -> dict:
 
 def read_state_dict(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
     """De-quantised float32 tensors under `LlamaForCausalLM` names."""
-    from gguf.quants import dequantize
-
     out = {}
     for t in reader.tensors:
         if t.name in _TOP_MAP:
@@ -129,8 +128,6 @@ def read_state_dict(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
 
 def convert(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """GGUF file `src` -> Hugging Face directory `out` (written beside it, moved in whole)."""
-    from transformers import AutoTokenizer
-
     src = Path(src)
     if not src.is_file():
         raise hf.CheckpointError(f"{src}: not found (expected a .gguf file)")

@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
 from blspkd_jax.convert.common import check_out
 from blspkd_jax.models import hf
@@ -198,8 +199,6 @@ def generation_config(config: dict, ct2_config: dict, tokenizer) -> dict:
 def convert(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """CTranslate2 Whisper directory `src` -> Hugging Face Whisper directory `out` (written
     beside it and moved into place whole)."""
-    from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
-
     src = Path(src)
     for name in ("model.bin", "config.json", "tokenizer.json"):
         if not (src / name).is_file():
