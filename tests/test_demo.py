@@ -47,6 +47,8 @@ def test_quick_has_its_own_workdir():
     assert str(default_workdir(None, quick=True)) == "runs/demo-quick"
     assert str(default_workdir(None, quick=False)) == "runs/demo"
     assert str(default_workdir("elsewhere", quick=True)) == "elsewhere"
+    assert str(default_workdir(None, quick=False, teacher_name="smollm2")) == "runs/demo-smollm2"
+    assert str(default_workdir(None, True, "smollm2")) == "runs/demo-smollm2-quick"
 
 
 def test_a_change_to_the_config_file_changes_the_fingerprint():

