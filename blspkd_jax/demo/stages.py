@@ -46,7 +46,8 @@ def stage(name: str):
 
 SMOLLM2 = "smollm2-135m-instruct"  # `--teacher smollm2`: the packaged weights' name
 
-# What fits `make demo` in 20 minutes on a fresh 2-core machine, setup included (README).
+# make demo's defaults: 23 minutes on a fresh 2-core machine, setup included (README; the
+# budget is 20: more steps train a better student, fewer miss less of the budget).
 STAGE1_STEPS, STAGE2_STEPS, EVAL_ROWS = 300, 50, 100
 
 
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         "--stage1-steps",
         type=int,
         default=STAGE1_STEPS,
-        help="stage 1 steps (configs/tiny.py has 900: what fits the 20 min budget is fewer)",
+        help="stage 1 steps (configs/tiny.py has 900; the demo's default is fewer, for time)",
     )
     ap.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS, help="stage 2 steps")
     ap.add_argument("--eval-rows", type=int, default=EVAL_ROWS, help="held-out rows evaluated")
