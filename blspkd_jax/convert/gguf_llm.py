@@ -128,6 +128,7 @@ def read_state_dict(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
 
 def convert(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """GGUF file `src` -> Hugging Face directory `out` (written beside it, moved in whole)."""
+    check_out(Path(out), force)  # before the seconds of reading and de-quantising
     src = Path(src)
     if not src.is_file():
         raise hf.CheckpointError(f"{src}: not found (expected a .gguf file)")
@@ -139,7 +140,6 @@ def convert(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     if template:
         tokenizer.chat_template = template
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] >= 0}
-    check_out(Path(out), force)
     with hf.atomic_directory(out) as tmp:
         hf.write_config(tmp, config)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -199,6 +199,7 @@ def generation_config(config: dict, ct2_config: dict, tokenizer) -> dict:
 def convert(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """CTranslate2 Whisper directory `src` -> Hugging Face Whisper directory `out` (written
     beside it and moved into place whole)."""
+    check_out(Path(out), force)  # before the seconds of reading the model
     src = Path(src)
     for name in ("model.bin", "config.json", "tokenizer.json"):
         if not (src / name).is_file():
@@ -221,7 +222,6 @@ def convert(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     )
     gen = generation_config(config, ct2_config, tokenizer)
     features = WhisperFeatureExtractor(feature_size=config["num_mel_bins"])
-    check_out(Path(out), force)
     with hf.atomic_directory(out) as tmp:
         hf.write_config(tmp, config)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
