@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+GRACE_SECONDS = 60  # for the other processes to save and exit once one has stopped
 
 
 def free_port() -> int:
@@ -76,17 +79,28 @@ def main(argv=None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # Ctrl-C reaches every process of the terminal's group: the training processes agree on a
+    # step, save it and exit, and the launcher waits for them rather than dying first.
+    signal.signal(signal.SIGINT, lambda *_: None)
     codes: list[int | None] = [None] * len(procs)
     while any(c is None for c in codes):
         for i, (proc, _) in enumerate(procs):
             if codes[i] is None:
                 codes[i] = proc.poll()
         if any(c not in (None, 0) for c in codes):
+            # SIGTERM is a preemption notice to a training process: it saves at the step all
+            # agree on and exits. One blocked in a collective with a dead peer never gets there,
+            # so after a grace period it is killed.
             for proc, _ in procs:
                 if proc.poll() is None:
                     proc.terminate()
+            deadline = time.monotonic() + GRACE_SECONDS
             for i, (proc, _) in enumerate(procs):
-                codes[i] = proc.wait()
+                try:
+                    codes[i] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    codes[i] = proc.wait()
         time.sleep(0.2)
     tee.join(timeout=10)  # the rest of process 0's output
     for _, log in procs:

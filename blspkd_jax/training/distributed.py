@@ -1,5 +1,9 @@
 """Multi-host start-up: `jax.distributed.initialize` from the config or the environment.
 
+SIGTERM on any process (a pod's preemption notice, or the trainer forwarding a Ctrl-C) goes to
+JAX's preemption service, which every process polls each step (`reached_preemption`): all of them
+save the same step and exit, instead of one leaving while the others wait in a collective.
+
 Three ways in, in this order: explicit `coordinator_address`/`num_processes`/`process_id` (config
 keys `distributed.*`, or the BLSPKD_COORDINATOR / BLSPKD_NUM_PROCESSES / BLSPKD_PROCESS_ID
 variables the local launcher sets); SLURM (`SLURM_*` variables, auto-detected by JAX); TPU pods
@@ -45,6 +49,10 @@ def initialize(
         process_id = int(os.environ.get(_ENV["process_id"], "-1"))
     # Only the CPU backend reads this; GPU and TPU use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    # The trainer stops every process at one agreed step through JAX's preemption service (its
+    # notifier takes SIGTERM); on by default, and required here, so a stray
+    # JAX_ENABLE_PREEMPTION_SERVICE=false cannot bring back the hang it prevents.
+    jax.config.update("jax_enable_preemption_service", True)
     if coordinator_address:
         if num_processes < 1 or process_id < 0:
             raise ValueError(

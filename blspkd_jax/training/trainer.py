@@ -130,15 +130,21 @@ class StopRequest:
     Given `starting`, a signal before `started()` (while the model is built and compiled: there
     is nothing to save yet) prints that message and exits at once.
 
+    With `agree` (several processes), the first signal is handed to JAX's preemption service as
+    a SIGTERM to this process, so that every process stops at the step the service agrees on
+    (the loop asks `reached_preemption` each step): a process that stopped on its own would
+    leave the others waiting in the next collective.
+
     A thread reads the signals from a wakeup fd, so each is acknowledged the moment it arrives,
     even while the main thread waits for the device inside a step or compiles. (A plain
     KeyboardInterrupt is not enough: raised inside a garbage-collector callback, Python drops it.)
     """
 
-    def __init__(self, signals, starting: str | None = None):
+    def __init__(self, signals, starting: str | None = None, agree: bool = False):
         self.signals = set(signals)
         self.signum: int | None = None
         self.starting = starting
+        self.agree = agree
         self.finishing = False  # the loop is over: a signal stops the final evaluation
         self._read, write = socket.socketpair()
         self._write = write
@@ -171,12 +177,16 @@ class StopRequest:
             os._exit(128 + signum)
         if self.signum is None and not self.finishing:
             self.signum = signum
+            when = "at the step all processes agree on" if self.agree else "after this step"
             print(
-                f"\n{name}: saving a checkpoint after this step, then exiting (Ctrl-C again "
-                "quits at once); rerun the same command to resume",
+                f"\n{name}: saving a checkpoint {when}, then exiting (Ctrl-C again quits at "
+                "once); rerun the same command to resume",
                 file=sys.stderr,
                 flush=True,
             )
+            if self.agree and signum != signal.SIGTERM:
+                # JAX's preemption notifier owns SIGTERM (no Python handler is installed for it).
+                os.kill(os.getpid(), signal.SIGTERM)
             return
         print(
             f"\n{name}: quitting now; the last complete checkpoint is kept, rerun the same "
@@ -201,11 +211,13 @@ class Trainer:
         # Several processes must stop at the same step, or the others wait forever in the next
         # collective: there JAX's preemption service owns SIGTERM and orbax tells every process
         # the agreed step (`reached_preemption`). One process handles the signal itself.
-        signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
+        self.multiprocess = jax.process_count() > 1
+        signals = [signal.SIGINT] if self.multiprocess else [signal.SIGTERM, signal.SIGINT]
         self.stop = StopRequest(
             signals,
             starting="interrupted before training started: nothing to save; rerun the same "
             "command to start (or resume from the last checkpoint)",
+            agree=self.multiprocess,
         )
         try:
             self._start(config, workdir)
@@ -328,7 +340,9 @@ class Trainer:
             self.workdir,
         )
         stop = self.stop
-        peak = config.peak_tflops_per_device * 1e12 or measure_matmul_peak()
+        # MFU against the peak of the dtype the LLM (most of the FLOPs) computes in.
+        compute = jnp.dtype(config.model.llm.dtype)
+        peak = config.peak_tflops_per_device * 1e12 or measure_matmul_peak(dtype=compute)
         rng = jax.random.PRNGKey(config.seed)
         start = int(self.state.step)
         bar = None
@@ -380,9 +394,12 @@ class Trainer:
                     writer.write(step, self.evaluate(), prefix="eval/")
                 if step % config.checkpoint_every_steps == 0:
                     self.save()
-                if self.ckpt.reached_preemption(step):
+                # Several processes stop only at the step the preemption service agreed on (a
+                # Ctrl-C was forwarded to it); a single process stops at once.
+                preempted = self.ckpt.reached_preemption(step)
+                if preempted:
                     stop.signum = stop.signum or signal.SIGTERM
-                if stop.signum is not None:
+                if preempted or (stop.signum is not None and not self.multiprocess):
                     self.save(force=True)
                     self.ckpt.wait_until_finished()
                     log.warning(

@@ -1,0 +1,105 @@
+"""Assets and command lines for the tests that drive `python -m blspkd_jax.train` in subprocesses
+(test_preemption.py, test_storage.py): a random tiny LLM saved as a Hugging Face directory, eight
+noise recordings with real transcripts, and their manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import soundfile as sf
+from tiny import OVERRIDES, SENTENCES, tiny_chat_tokenizer, tiny_llm_config
+
+from blspkd_jax.models import hf
+from blspkd_jax.models.llm import LLM
+
+REPO = Path(__file__).parent.parent
+
+
+def build_assets(root: Path) -> Path:
+    """`root/llm` (tokenizer and weights), `root/audio/u{i}.wav` and `root/train.jsonl` (audio
+    paths relative to the manifest)."""
+    tok = tiny_chat_tokenizer(root / "llm")
+    cfg = tiny_llm_config(len(tok), num_layers=1, tie_word_embeddings=True)
+    params = LLM(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    import flax.linen as nn
+
+    hf.save_llm(root / "llm", cfg, jax.tree.map(np.asarray, nn.unbox(params)))
+    rs = np.random.RandomState(0)
+    (root / "audio").mkdir()
+    rows = []
+    for i in range(8):
+        n = int((0.5 + 0.12 * i) * 16000)
+        x = (0.1 * rs.randn(n) * (0.2 + 0.8 * np.abs(np.sin(np.linspace(0, 6, n))))).astype(
+            np.float32
+        )
+        sf.write(root / "audio" / f"u{i}.wav", x, 16000)
+        rows.append({"audio": f"audio/u{i}.wav", "text": SENTENCES[i % len(SENTENCES)]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def train_args(workdir, manifest, llm, *extra) -> list[str]:
+    """`python -m blspkd_jax.train` arguments of a tiny run (tests/tiny.py's overrides)."""
+    return [
+        "--config",
+        str(REPO / "configs/tiny.py"),
+        "--workdir",
+        str(workdir),
+        *OVERRIDES,
+        f"--config.data.train_manifest={manifest}",
+        f"--config.model.llm.hf_path={llm}",
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, log: Path, env_extra=None, prefix=()) -> subprocess.Popen:
+    """One training process, its output to `log` (a file: a pipe nobody reads would fill up).
+    `prefix` replaces `-m blspkd_jax.train` by a wrapper that runs it."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    cmd = [sys.executable, *(prefix or ("-m", "blspkd_jax.train")), *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def start_processes(args, logs: list[Path], devices_per_process: int = 1):
+    """len(logs) processes of one job on 127.0.0.1 (gloo), as launch/multiprocess.py starts them."""
+    port = free_port()
+    return [
+        start(
+            args,
+            log,
+            {
+                "BLSPKD_COORDINATOR": f"127.0.0.1:{port}",
+                "BLSPKD_NUM_PROCESSES": str(len(logs)),
+                "BLSPKD_PROCESS_ID": str(p),
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            },
+        )
+        for p, log in enumerate(logs)
+    ]
+
+
+def wait_all(procs, timeout: float, logs) -> list[int]:
+    """Exit codes; on timeout every process is killed and the test fails with their logs' tails
+    (a hung collective must fail the test, not hang it)."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        tails = "\n".join(f"--- {log}\n{Path(log).read_text()[-2000:]}" for log in logs)
+        raise AssertionError(f"processes still running after {timeout} s:\n{tails}") from None

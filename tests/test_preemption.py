@@ -1,0 +1,90 @@
+"""Pod-safe preemption: SIGTERM to one process of a 2-process run (gloo on 127.0.0.1) makes both
+save the same step and exit, and the rerun resumes there on both."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from _runs import REPO, build_assets, start_processes, train_args, wait_all
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("preemption"))
+
+
+def _steps_logged(workdir) -> int:
+    path = workdir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(assets, tmp_path):
+    workdir = tmp_path / "run"
+    args = train_args(
+        workdir,
+        assets / "train.jsonl",
+        assets / "llm",
+        # Long enough never to finish on its own; no periodic save before the preemption.
+        "--config.total_steps=100000",
+        "--config.checkpoint_every_steps=100000",
+    )
+    logs = [tmp_path / f"process{p}.log" for p in range(2)]
+    procs = start_processes(args, logs)
+    deadline = time.time() + 300
+    while _steps_logged(workdir) < 2:  # training is under way on both (steps are collective)
+        assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+        assert time.time() < deadline, "no training step within 300 s"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # the process that is not the coordinator
+    codes = wait_all(procs, 120, logs)
+    outs = [log.read_text() for log in logs]
+    assert codes == [128 + signal.SIGTERM] * 2, [o[-3000:] for o in outs]
+    stopped = [re.search(r"stopped at step (\d+) \(SIGTERM", o) for o in outs]
+    assert all(stopped), [o[-3000:] for o in outs]
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step and step >= 2
+    assert "Traceback" not in outs[0] + outs[1]
+    saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved == [step]
+
+    # The same command, now ending two steps later (total_steps may change on resume).
+    rerun = [a if not a.startswith("--config.total_steps=") else "" for a in args]
+    rerun = [a for a in rerun if a] + [f"--config.total_steps={step + 2}"]
+    logs = [tmp_path / f"rerun{p}.log" for p in range(2)]
+    codes = wait_all(start_processes(rerun, logs), 300, logs)
+    outs = [log.read_text() for log in logs]
+    assert codes == [0, 0], [o[-3000:] for o in outs]
+    assert all(f"resumed from step {step}" in o for o in outs), [o[-3000:] for o in outs]
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-2:] == [step + 1, step + 2]
+
+
+def test_a_signal_is_forwarded_to_the_preemption_service_when_processes_must_agree():
+    """StopRequest(agree=True), as every process of a multi-process run builds it: the first
+    signal records the request and sends SIGTERM to its own process, where JAX's preemption
+    notifier takes it (here a stand-in handler prints instead); the loop then stops at the agreed
+    step. A second signal still quits at once."""
+    script = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('notifier got SIGTERM', flush=True))\n"
+        "from blspkd_jax.training.trainer import StopRequest\n"
+        "stop = StopRequest([signal.SIGUSR1], agree=True)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(1)\n"
+        "print('asked:', stop.signum == signal.SIGUSR1, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(5)\n"
+        "print('still alive', flush=True)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
+    assert "notifier got SIGTERM" in p.stdout and "asked: True" in p.stdout, p.stdout
+    assert "still alive" not in p.stdout
+    assert "SIGUSR1: saving a checkpoint at the step all processes agree on" in p.stderr
