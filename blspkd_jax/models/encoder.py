@@ -13,15 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blspkd_jax.models.layers import (
-    LAYOUT,
-    Stack,
-    dense,
-    stack_layers,
-    tree_get,
-    tree_set,
-    unstack_layers,
-)
+from blspkd_jax.models import lazy
+from blspkd_jax.models.layers import LAYOUT, Stack, dense, tree_get, tree_set, unstack_layers
 
 # Whisper's LayerNorms are torch.nn.LayerNorm with its default eps.
 LN_EPS = 1e-5
@@ -374,7 +367,16 @@ def _expected_shapes(config: WhisperEncoderConfig):
 
 def params_from_hf(config: WhisperEncoderConfig, state_dict: Mapping[str, Any]) -> dict:
     """Our params from a Hugging Face state dict of WhisperEncoder, WhisperModel or
-    WhisperForConditionalGeneration (numpy or torch-converted arrays; other keys are ignored)."""
+    WhisperForConditionalGeneration (numpy or torch-converted arrays; other keys are ignored), in
+    `config.param_dtype`, whole on the default device (`hf.load_whisper_encoder(..., mesh=)` loads
+    straight into a mesh instead)."""
+    host = host_params_from_hf(config, state_dict)
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a), config.param_dtype), host)
+
+
+def host_params_from_hf(config: WhisperEncoderConfig, state_dict: Mapping[str, Any]) -> dict:
+    """`params_from_hf` without reading anything: each leaf the checkpoint's tensor seen through
+    our layout and layer stacking (`lazy.py`), in the checkpoint's dtype."""
     prefix = next((p for p in HF_PREFIXES if p + "conv1.weight" in state_dict), None)
     if prefix is None:
         sample = sorted(state_dict)[:5]
@@ -401,16 +403,16 @@ def params_from_hf(config: WhisperEncoderConfig, state_dict: Mapping[str, Any]) 
         )
     params: dict = {}
     for h, path, layout in rows:
-        a = LAYOUT[layout](np.asarray(state_dict[prefix + h]))
+        a = LAYOUT[layout](state_dict[prefix + h])
         want = tree_get(expected, path).shape
-        if a.shape != want:
+        if tuple(a.shape) != want:
             raise ValueError(
                 f"checkpoint tensor {prefix + h!r} has shape {a.shape} after conversion but the "
                 f"config expects {want}; check config.json"
             )
-        tree_set(params, path, jnp.asarray(a, dtype=config.param_dtype))
+        tree_set(params, path, a)
     if config.scan_layers:
-        params["layers"] = stack_layers(params["layers"], config.encoder_layers)
+        params["layers"] = lazy.stack_layers(params["layers"], config.encoder_layers)
     return params
 
 

@@ -10,6 +10,7 @@ objects; nothing here ever unpickles with full pickle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh
 
-from blspkd_jax.models import encoder, llm
+from blspkd_jax.models import encoder, lazy, llm, sharding
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -52,9 +55,9 @@ class CheckpointError(ValueError):
 # ml_dtypes provides it) and large files are memory-mapped rather than copied.
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file, as read-only memory-mapped numpy arrays."""
-    path = Path(path)
+def _safetensors_entries(path: Path) -> tuple[int, dict[str, tuple[np.dtype, tuple, int, int]]]:
+    """(payload offset, {name: (dtype, shape, start, end)}) from a .safetensors header, every entry
+    checked against the file's size; errors name the file and the tensor."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -71,7 +74,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    payload = size - 8 - header_len
     out = {}
     for name, info in header.items():
         try:
@@ -81,13 +84,34 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad header entry for tensor {name!r}: {e}") from None
         count = int(np.prod(shape, dtype=np.int64))
-        if end - start != count * dtype.itemsize or end > data.size:
+        if end - start != count * dtype.itemsize or end > payload:
             raise CheckpointError(
                 f"{path}: tensor {name!r} claims bytes [{start}, {end}) which do not fit "
-                f"shape {shape} of {info['dtype']} in a {data.size}-byte payload"
+                f"shape {shape} of {info['dtype']} in a {payload}-byte payload"
             )
-        out[name] = data[start:end].view(dtype).reshape(shape)
-    return out
+        out[name] = (dtype, shape, start, end)
+    return 8 + header_len, out
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file, as read-only memory-mapped numpy arrays."""
+    path = Path(path)
+    offset, entries = _safetensors_entries(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
+    return {
+        name: data[start:end].view(dtype).reshape(shape)
+        for name, (dtype, shape, start, end) in entries.items()
+    }
+
+
+def lazy_safetensors(path: str | os.PathLike) -> dict[str, lazy.FileTensor]:
+    """All tensors of one .safetensors file as `lazy.FileTensor`s: nothing is read until sliced."""
+    path = Path(path)
+    _, entries = _safetensors_entries(path)
+    return {
+        name: lazy.FileTensor(path, name, shape, dtype)
+        for name, (dtype, shape, _, _) in entries.items()
+    }
 
 
 def write_safetensors(
@@ -175,19 +199,22 @@ def _torch_load_safe(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, lazy_read: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a Hugging Face directory: safetensors first, sharded or not.
 
-    Falls back to `pytorch_model.bin` (plain or sharded) read with `torch.load(weights_only=True)`.
+    Safetensors come memory-mapped, or with `lazy_read` as `lazy.FileTensor`s that read only the
+    slices asked for (what loading into a mesh uses). Falls back to `pytorch_model.bin` (plain or
+    sharded) read whole with `torch.load(weights_only=True)`.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
     if (path / SAFE_INDEX).exists():
         files = _read_index(path / SAFE_INDEX)
-        reader = read_safetensors
+        reader = lazy_safetensors if lazy_read else read_safetensors
     elif (path / SAFE_NAME).exists():
-        files, reader = [path / SAFE_NAME], read_safetensors
+        files = [path / SAFE_NAME]
+        reader = lazy_safetensors if lazy_read else read_safetensors
     elif (path / BIN_INDEX).exists():
         files, reader = _read_index(path / BIN_INDEX), _torch_load_safe
     elif (path / BIN_NAME).exists():
@@ -265,17 +292,25 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
 # Public loaders (README's Python API) and their inverses.
 
 
-def load_whisper_encoder(path, dtype=jnp.float32, **overrides):
+def load_whisper_encoder(path, dtype=jnp.float32, mesh: Mesh | None = None, **overrides):
     """(module, params) for the encoder of a Hugging Face Whisper directory.
 
     `module.apply({"params": params}, input_features)` with `input_features [B, n_mels, T]` gives
     the final hidden states `[B, T/2, D]`. `dtype` is the compute and parameter dtype; `overrides`
     set other `WhisperEncoderConfig` fields (e.g. `param_dtype`, `pad_to_30s`, `scan_layers`).
+    With a `mesh` (`sharding.make_mesh`), every parameter is read slice by slice straight into the
+    sharding the rules table gives it (global arrays; no process holds a whole tensor).
     """
     overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     config = encoder.WhisperEncoderConfig.from_hf(read_config(path), **overrides)
-    params = encoder.params_from_hf(config, read_state_dict(path))
-    return encoder.WhisperEncoder(config), params
+    module = encoder.WhisperEncoder(config)
+    if mesh is None:
+        return module, encoder.params_from_hf(config, read_state_dict(path))
+    host = encoder.host_params_from_hf(config, read_state_dict(path, lazy_read=True))
+    unpadded = encoder.WhisperEncoder(dataclasses.replace(config, pad_to_30s=False))
+    x = jax.ShapeDtypeStruct((1, config.num_mel_bins, 2), jnp.float32)
+    abstract = jax.eval_shape(unpadded.init, jax.random.key(0), x)["params"]
+    return module, sharding.place_host_tree(mesh, host, abstract, config.param_dtype)
 
 
 def save_whisper_encoder(path, config, params) -> None:
@@ -284,16 +319,24 @@ def save_whisper_encoder(path, config, params) -> None:
     write_state_dict(path, encoder.params_to_hf(config, params))
 
 
-def load_llm(path, dtype=jnp.float32, **overrides):
+def load_llm(path, dtype=jnp.float32, mesh: Mesh | None = None, **overrides):
     """(module, params) for a Hugging Face decoder LLM directory (Llama, Qwen2/3, Mistral).
 
     `module.apply({"params": params}, input_ids)` gives logits `[B, L, V]`. `dtype` is the compute
-    and parameter dtype; `overrides` set other `LLMConfig` fields.
+    and parameter dtype; `overrides` set other `LLMConfig` fields. With a `mesh`, every parameter
+    is read slice by slice straight into its sharding, as `load_whisper_encoder` does. The params
+    are the checkpoint's base weights (no PLoRA, whatever `lora_rank` says).
     """
     overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     config = llm.LLMConfig.from_hf(read_config(path), **overrides)
-    params = llm.params_from_hf(config, read_state_dict(path))
-    return llm.LLM(config), params
+    module = llm.LLM(config)
+    if mesh is None:
+        return module, llm.params_from_hf(config, read_state_dict(path))
+    host = llm.host_params_from_hf(config, read_state_dict(path, lazy_read=True))
+    base = llm.LLM(dataclasses.replace(config, lora_rank=0))
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    abstract = jax.eval_shape(base.init, jax.random.key(0), ids)["params"]
+    return module, sharding.place_host_tree(mesh, host, abstract, config.param_dtype)
 
 
 def save_llm(path, config, params) -> None:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from blspkd_jax.models.layers import RMSNorm, Stack, param, stack_layers, unstack_layers
+from blspkd_jax.models import lazy
+from blspkd_jax.models.layers import RMSNorm, Stack, param, unstack_layers
 from blspkd_jax.models.llm_config import LLMConfig
 
 # PEFT's LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
@@ -510,7 +511,17 @@ def _hf_rows(config: LLMConfig):
 
 def params_from_hf(config: LLMConfig, state_dict: Mapping[str, np.ndarray]) -> dict:
     """Our params tree (base weights, `config.param_dtype`, scanned if `config.scan_layers`) from
-    a Hugging Face state dict.
+    a Hugging Face state dict, whole on the default device (`hf.load_llm(..., mesh=)` loads
+    straight into a mesh instead). Errors as `host_params_from_hf`.
+    """
+    host = host_params_from_hf(config, state_dict)
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a), config.param_dtype), host)
+
+
+def host_params_from_hf(config: LLMConfig, state_dict: Mapping[str, np.ndarray]) -> dict:
+    """`params_from_hf` without reading anything: the same tree, each leaf the checkpoint's tensor
+    seen through our transpose and layer stacking (`lazy.py`; numpy views for numpy inputs), in
+    the checkpoint's dtype.
 
     Raises KeyError naming a missing tensor, ValueError naming a tensor of the wrong shape or a
     `model.*` tensor this config has no place for (a feature we do not support, e.g. a bias the
@@ -523,14 +534,14 @@ def params_from_hf(config: LLMConfig, state_dict: Mapping[str, np.ndarray]) -> d
             continue
         if hf not in state_dict:
             raise KeyError(f"checkpoint: tensor {hf!r} is missing (needed for {ours})")
-        a = np.asarray(state_dict[hf])
+        a = state_dict[hf]
         a = a.T if transpose else a
-        if a.shape != shapes[ours]:
+        if tuple(a.shape) != shapes[ours]:
             raise ValueError(
-                f"checkpoint: tensor {hf!r} has shape {np.shape(state_dict[hf])}, expected "
+                f"checkpoint: tensor {hf!r} has shape {tuple(state_dict[hf].shape)}, expected "
                 f"{shapes[ours][::-1] if transpose else shapes[ours]} from config.json"
             )
-        flat[ours] = jnp.asarray(a, dtype=config.param_dtype)
+        flat[ours] = a
         used.add(hf)
     extra = sorted(
         k
@@ -545,7 +556,7 @@ def params_from_hf(config: LLMConfig, state_dict: Mapping[str, np.ndarray]) -> d
         )
     params = traverse_util.unflatten_dict(flat, sep="/")
     if config.scan_layers:
-        params["blocks"] = stack_layers(params["blocks"], config.num_layers)
+        params["blocks"] = lazy.stack_layers(params["blocks"], config.num_layers)
     return params
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -129,8 +130,21 @@ def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.A
     }
 
 
-def shard_host_array(x, target: NamedSharding) -> jax.Array:
-    """Place a host (numpy or memmap) array into `target` shards, each process reading only its
-    own slices (works for multi-host: no process needs the whole array on device)."""
+def shard_host_array(x, target: NamedSharding, dtype=None) -> jax.Array:
+    """Place a host array (numpy, memmap, or a lazy checkpoint tensor, `lazy.py`) into `target`
+    shards, each process reading only the slices its own devices hold, cast to `dtype` slice by
+    slice (default: `x`'s own). No process needs the whole array, on host or device."""
     x = np.asarray(x) if not hasattr(x, "__getitem__") else x
-    return jax.make_array_from_callback(x.shape, target, lambda idx: np.asarray(x[idx]))
+    dtype = np.dtype(x.dtype if dtype is None else dtype)
+    return jax.make_array_from_callback(
+        tuple(x.shape), target, lambda idx: np.asarray(x[idx]).astype(dtype, copy=False)
+    )
+
+
+def place_host_tree(mesh: Mesh, host: Mapping, abstract, dtype=None, rules=RULES) -> dict:
+    """A nested dict of host arrays -> the same tree of global arrays sharded on `mesh` by the
+    logical names in `abstract` (a boxed `jax.eval_shape` of the module's init; it may hold more
+    parameters than `host`, e.g. LoRA), each leaf cast to `dtype` as it is read."""
+    shardings = flatten_dict(logical_shardings(mesh, abstract, rules))
+    flat = flatten_dict(host)
+    return unflatten_dict({k: shard_host_array(v, shardings[k], dtype) for k, v in flat.items()})

@@ -304,6 +304,10 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     # Regexes over parameter paths ("adapter/...", "encoder/...", "llm/.../lora_a"): stage 1
-    # trains the adapter; stage 2 adds "lora_" (and optionally "^encoder/").
-    c.train = ml_collections.ConfigDict({"trainable": ("^adapter/",), "init_from": ""})
+    # trains the adapter; stage 2 adds "lora_" (and optionally "^encoder/"). frozen_dtype: the
+    # dtype of every parameter that does not train ("": the model's param_dtype; "bfloat16"
+    # halves a frozen LLM's memory), while trained ones keep param_dtype as master copies.
+    c.train = ml_collections.ConfigDict(
+        {"trainable": ("^adapter/",), "init_from": "", "frozen_dtype": ""}
+    )
     return c
