@@ -11,7 +11,7 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperModel
 from transformers.models.whisper import modeling_whisper
 
-from blspkd_jax.models import encoder, hf
+from blspkd_jax.models import encoder, hf, layers
 from blspkd_jax.models.layers import Stack, unstack_layers
 
 HFEncoder = modeling_whisper.WhisperEncoder
@@ -258,3 +258,19 @@ def test_whisper_layer_masked_rows_stay_finite():
     # Valid rows ignore padded keys: changing the padding leaves them unchanged.
     out2 = apply(params, x.at[0, 3:].set(100.0), mask)
     np.testing.assert_allclose(out2[0, :3], out[0, :3], atol=1e-6)
+
+
+def test_blocked_attention_matches_transformers(hf80, monkeypatch):
+    # Queries in blocks of 7 over 32 frames (the last block padded), with and without a mask.
+    path, model = hf80
+    monkeypatch.setattr(layers, "ATTENTION_QUERY_BLOCK", 7)
+    module, params = hf.load_whisper_encoder(path, pad_to_30s=False)
+    x = _mels((2, 80, 2 * POSITIONS), seed=5)
+    apply = jax.jit(module.apply)
+    ours = np.asarray(apply({"params": params}, x))
+    assert np.abs(ours - _torch(model, x)).max() <= 1e-4
+    mask = np.arange(2 * POSITIONS)[None, :] < np.array([[2 * POSITIONS], [40]])
+    padded = np.asarray(apply({"params": params}, x, feature_mask=mask))
+    np.testing.assert_allclose(padded[0], ours[0], atol=1e-5)
+    alone = np.asarray(apply({"params": params}, x[1:, :, :40]))
+    np.testing.assert_allclose(padded[1, :20], alone[0], atol=1e-5)

@@ -14,7 +14,7 @@ import transformers
 from flax import linen as nn
 from flax import traverse_util
 
-from blspkd_jax.models import hf, llm
+from blspkd_jax.models import hf, layers, llm
 from blspkd_jax.models.layers import unstack_layers
 
 V, H, FF, NL = 64, 32, 48, 2
@@ -520,3 +520,92 @@ def test_lora_dropout_only_when_not_deterministic():
     np.testing.assert_array_equal(drop5[~on], no_lora[~on])
     with pytest.raises(Exception, match="dropout"):  # training mode needs the "dropout" rng
         lin.apply({"params": p}, x, m, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention through jax.nn.dot_product_attention, in query blocks.
+
+
+def _attention_reference(q, k, v, mask, scale):
+    """softmax(q k^T * scale) v in float64, written out; a row with no allowed key gets the mean
+    of v (the finite fill's uniform softmax)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, N, Dh = q.shape
+    K = k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(B):
+        for n in range(N):
+            kv = n // (N // K)  # query heads n*G .. n*G+G-1 share key/value head n // G
+            s = q[b, :, n] @ k[b, :, kv].T * scale  # [T, S]
+            m = np.broadcast_to(mask[b, 0], s.shape)
+            s = np.where(m, s, -np.inf)
+            s = np.where(m.any(-1, keepdims=True), s, 0.0)  # all masked: uniform
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, n] = (p / p.sum(-1, keepdims=True)) @ v[b, :, kv]
+    return out
+
+
+@pytest.mark.parametrize("per_query", [True, False])
+def test_attention_blocks_match_the_formula(per_query):
+    rng = np.random.RandomState(0)
+    B, T, N, K, Dh = 2, 11, 4, 2, 8
+    q, k, v = (rng.randn(B, T, h, Dh).astype(np.float32) for h in (N, K, K))
+    if per_query:  # causal with left padding: row 1's first 3 queries see no key at all
+        valid = np.arange(T)[None, :] >= np.array([0, 3])[:, None]
+        mask = valid[:, None, None, :] & (np.arange(T)[None, :] <= np.arange(T)[:, None])
+        mask = mask & valid[:, None, :, None]
+    else:  # keys only, shared by every query; example 1 has none
+        mask = np.zeros((B, 1, 1, T), bool)
+        mask[0, ..., :7] = True
+    ref = _attention_reference(q, k, v, mask, 0.3)
+
+    def loss(q, k, v, block):
+        o = layers.attention(q, k, v, jnp.asarray(mask), scale=0.3, query_block=block)
+        return jnp.sum(o * jnp.asarray(ref, jnp.float32)), o
+
+    grads = {}
+    for block in (4, 64):  # blocks of 4, the last one padded; no blocking
+        (_, out), grads[block] = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3
+        )(q, k, v, block)
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, ref, atol=2e-6)
+    for a, b in zip(grads[4], grads[64], strict=True):  # nor do blocks and remat change grads
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    assert np.abs(np.asarray(grads[64][0])).max() > 0.1  # the gradients are not trivially zero
+
+
+def test_attention_implementation_choice():
+    pick = layers.attention_implementation
+    q, k = (2, 1024, 32, 128), (2, 1024, 8, 128)
+    assert pick(q, k, jnp.bfloat16, True, "cuda", "9.0") == "cudnn"
+    assert pick(q, k, jnp.float16, False, "cuda", "8.0") == "cudnn"
+    assert pick(q, k, jnp.float32, True, "cuda", "9.0") == "xla"  # cuDNN takes fp16/bf16 only
+    for platform in ("cpu", "tpu", "rocm"):
+        assert pick(q, k, jnp.bfloat16, True, platform, None) == "xla"
+    wide = (2, 1024, 32, 256)
+    assert pick(wide, wide, jnp.bfloat16, True, "cuda", "9.0") == "cudnn"
+    assert pick(wide, wide, jnp.bfloat16, True, "cuda", "8.0") == "xla"  # 256 needs Hopper
+    assert pick((2, 1024, 20, 60), (2, 1024, 20, 60), jnp.bfloat16, True, "cuda", "9.0") == "xla"
+    odd = (2, 1501, 20, 64)
+    assert pick(odd, odd, jnp.bfloat16, True, "cuda", "9.0") == "xla"  # masked: even lengths
+    assert pick(odd, odd, jnp.bfloat16, False, "cuda", "9.0") == "cudnn"
+    assert pick((2, 1, 32, 128), k, jnp.bfloat16, True, "cuda", "9.0") == "xla"  # one decode step
+    assert layers.attention_implementation(q, k, jnp.bfloat16, True, *layers._platform()) == (
+        "cudnn" if jax.default_backend() == "gpu" else "xla"
+    )
+
+
+def test_blocked_attention_matches_transformers(saved, monkeypatch):
+    # Blocks of 5 queries over 12 tokens (ragged last block) with left padding and GQA.
+    path, model = saved["llama_gqa_llama3"]
+    module, params = hf.load_llm(path)
+    monkeypatch.setattr(layers, "ATTENTION_QUERY_BLOCK", 5)
+    ids = _ids(0, (2, 12))
+    mask = np.ones((2, 12), np.int32)
+    mask[1, :3] = 0
+    fwd = jax.jit(lambda p, ids, m: module.apply({"params": p}, ids, attention_mask=m))
+    ours = np.asarray(fwd(params, ids, mask))
+    assert np.isfinite(ours).all()  # row 1's padded queries see no key
+    assert np.abs(ours[0] - _torch_logits(model, ids[:1])[0]).max() <= TOL
+    assert np.abs(ours[1, 3:] - _torch_logits(model, ids[1:, 3:])[0]).max() <= TOL

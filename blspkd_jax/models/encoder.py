@@ -14,7 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from blspkd_jax.models import lazy
-from blspkd_jax.models.layers import LAYOUT, Stack, dense, tree_get, tree_set, unstack_layers
+from blspkd_jax.models.layers import (
+    LAYOUT,
+    Stack,
+    attention,
+    dense,
+    tree_get,
+    tree_set,
+    unstack_layers,
+)
 
 # Whisper's LayerNorms are torch.nn.LayerNorm with its default eps.
 LN_EPS = 1e-5
@@ -69,17 +77,10 @@ class WhisperAttention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_heads", None))
         v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_heads", None))
-        # Heads-major [B, nH, T, hd] so both products are plain batched matmuls: on CPU about
-        # twice as fast as contracting in [B, T, nH, hd] layout (benchmarks/forward.py, 30 s).
-        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-        # Scores and softmax in float32 whatever the compute dtype.
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if mask is not None:
-            # A finite fill (not -inf) keeps a row with no valid key uniform instead of NaN.
-            s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bhqk,bhkd->bhqd", p, v)
-        o = jnp.swapaxes(o, 1, 2).reshape(B, T, self.d_model)
+        # Scores and softmax in float32 whatever the compute dtype; q is already scaled. A row
+        # with no valid key (a fully padded example) gets a finite mean of v, never NaN.
+        key_mask = None if mask is None else mask[:, None, None, :]
+        o = attention(q, k, v, key_mask, scale=1.0).reshape(B, T, self.d_model)
         return dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(o)
 
 

@@ -44,6 +44,101 @@ def dense(features, names, dtype, param_dtype, name, use_bias=True):
     )
 
 
+# Query rows per block on the XLA attention path: one block's float32 scores are
+# [B, heads, ATTENTION_QUERY_BLOCK, S] rather than [B, heads, T, S] (Whisper-large at T=1500 and 24
+# examples: 0.7 GB instead of 4.3 GB a layer). 256 was the fastest of 128/256/512 on CPU too.
+ATTENTION_QUERY_BLOCK = 256
+
+
+def attention_implementation(
+    q_shape, k_shape, dtype, has_mask: bool, platform: str, compute_capability: str | None = None
+) -> str:
+    """The attention kernel for these inputs: "cudnn" where cuDNN's flash attention takes them.
+
+    The conditions are the ones `jax._src.cudnn.fused_attention_stablehlo` checks (jax 0.10.2):
+    a CUDA GPU, fp16/bf16, head dim a multiple of 8 and at most 128 (256 from Hopper, compute
+    capability 9.0), and, with a mask (cuDNN takes it as a bias), even query and key lengths.
+    We pick it ourselves because `implementation=None` always means XLA in jax 0.10.2 (the
+    backend choice is a TODO in `jax.nn.dot_product_attention`). TPUs get "xla" as well: the API
+    accepts only "xla" and "cudnn", and the TPU kernels a pod run would want (Pallas splash or
+    flash attention, `jax.experimental.pallas.ops.tpu.splash_attention`) are not reachable
+    through it; the blocked XLA path below bounds the scores' memory there instead.
+    """
+    if platform != "cuda" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    major_minor = tuple(int(x) for x in (compute_capability or "0.0").split(".")[:2])
+    head_dim, t, s = q_shape[-1], q_shape[1], k_shape[1]
+    if head_dim % 8 or head_dim > (256 if major_minor >= (9, 0) else 128):
+        return "xla"
+    if has_mask and (t % 2 or s % 2):
+        return "xla"
+    return "cudnn"
+
+
+def _platform() -> tuple[str, str | None]:
+    """("cuda" | "rocm" | "cpu" | "tpu", compute capability or None) of the default backend."""
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        return ("cuda" if "cuda" in dev.client.platform_version.lower() else "rocm"), getattr(
+            dev, "compute_capability", None
+        )
+    return dev.platform, None
+
+
+def attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None):
+    """`softmax(q k^T * scale, where mask) v` through `jax.nn.dot_product_attention`.
+
+    `q [B, T, N, Dh]`, `k`, `v [B, S, K, Dh]` (N a multiple of K: grouped-query attention), all
+    one dtype; `mask` bool broadcastable to `[B, 1, T, S]` (True = may attend) or None; `scale`
+    default `Dh**-0.5`; `causal=True` only says the mask already holds the top-left causal
+    pattern (T == S), which lets cuDNN skip the blocks above the diagonal. Returns `[B, T, N, Dh]`.
+
+    Scores and softmax are float32 whatever the input dtype. A query row whose mask is all False
+    gets the mean of `v` (finite, never NaN), as with a finite fill. On a CUDA GPU cuDNN's flash
+    kernel runs when it takes the inputs (`attention_implementation`); elsewhere XLA's path runs
+    over blocks of `query_block` (default `ATTENTION_QUERY_BLOCK`) query rows, each block
+    rematerialised in the backward pass, so the scores held at once are one block's, not
+    `[B, N, T, S]` (benchmarks/forward.py --memory).
+    """
+    B, T, N, Dh = q.shape
+    S = k.shape[1]
+    scale = Dh**-0.5 if scale is None else scale
+    if mask is not None:
+        mask = jnp.asarray(mask, jnp.bool_)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    platform, capability = _platform()
+    impl = attention_implementation(
+        q.shape, k.shape, q.dtype, mask is not None, platform, capability
+    )
+    if impl == "cudnn":
+        if mask is not None:  # cuDNN reads the mask as a [B, 1, T, S] bias: no broadcast dims
+            mask = jnp.broadcast_to(mask, (B, 1, T, S))
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+        )
+
+    def one(qb, mb):  # qb [B, t, N, Dh], mb [Bm, Nm, t or 1, S] or None
+        # Keeps each block split like the whole (batch over data x fsdp, heads over tensor).
+        qb = nn.with_logical_constraint(qb, ("act_batch", "act_len", "act_heads", None))
+        return jax.nn.dot_product_attention(qb, k, v, mask=mb, scale=scale, implementation="xla")
+
+    block = query_block or ATTENTION_QUERY_BLOCK
+    if block >= T:
+        return one(q, mask)
+    n = -(-T // block)
+    pad = n * block - T
+    # Padded query rows are dropped again below; they only make the blocks equal in size.
+    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, block, N, Dh)
+    qs = jnp.moveaxis(qs, 1, 0)  # [n, B, block, N, Dh]
+    if mask is not None and mask.shape[2] == T:
+        mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        mb = jnp.moveaxis(mb.reshape(*mask.shape[:2], n, block, S), 2, 0)
+        out = jax.lax.map(jax.checkpoint(lambda a: one(*a)), (qs, mb))
+    else:  # no mask, or one row for every query: shared by all blocks
+        out = jax.lax.map(jax.checkpoint(lambda qb: one(qb, mask)), qs)
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * block, N, Dh)[:, :T]
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis: statistics in float32, scale applied in the compute dtype."""
 

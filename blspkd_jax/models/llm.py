@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from blspkd_jax.models import lazy
-from blspkd_jax.models.layers import RMSNorm, Stack, param, unstack_layers
+from blspkd_jax.models.layers import RMSNorm, Stack, attention, param, unstack_layers
 from blspkd_jax.models.llm_config import LLMConfig
 
 # PEFT's LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
@@ -178,14 +178,12 @@ class Attention(nn.Module):
                 cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(c.dtype), start)
                 k, v = ck.value, cv.value
 
-        # [B, L, K, G, Dh] x [B, S, K, Dh]: each group of G query heads shares one key/value head.
-        qg = q.reshape(B, L, K, N // K, Dh)
-        s = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32)
-        s = s * (Dh**-0.5)
-        # A finite fill keeps a fully masked row (a left-pad query) finite rather than NaN.
-        s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(c.dtype)
-        o = jnp.einsum("bkgls,bskd->blkgd", p, v.astype(c.dtype)).reshape(B, L, N * Dh)
+        # Each group of N / K query heads shares one key/value head (jax's GQA layout). A fully
+        # masked row (a left-pad query) gets a finite mean of v, never NaN. Outside decoding the
+        # mask holds the causal pattern from slot 0, which cuDNN may exploit (`causal`).
+        q, k, v = q.astype(c.dtype), k.astype(c.dtype), v.astype(c.dtype)
+        o = attention(q, k, v, mask[:, None], causal=not self.decode)
+        o = o.reshape(B, L, N * Dh)
         o = nn.with_logical_constraint(o, ("act_batch", "act_len", "act_heads"))
         return call(lin(c.hidden_size, ("heads", "embed"), "o", c.o_bias, "o_proj"), o)
 
