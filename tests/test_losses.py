@@ -588,3 +588,122 @@ def test_sharded_run_matches_single_device():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "sharded == single device" in proc.stdout
+
+
+_PER_DEVICE_SCRIPT = textwrap.dedent(
+    r"""
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from blspkd_jax.training import losses
+    from blspkd_jax.models.sharding import make_mesh
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    m, h, v, tile = 40, 36, 64, 4  # 4 batch devices: 10 rows each, 3 tiles of 4 (2 padding)
+    ks, kt, kw, kl = jax.random.split(jax.random.key(0), 4)
+    s = jax.random.normal(ks, (m, h))
+    t = s + jax.random.normal(kt, (m, h))
+    head = jax.random.normal(kw, (h, v)) * 0.5
+    labels = jax.random.randint(kl, (m,), 0, v)
+    kl_w = jnp.stack([jnp.arange(m) % 5 != 0, jnp.arange(m) % 3 == 0], -1).astype(jnp.float32)
+    ce_w = (jnp.arange(m) % 4 != 1).astype(jnp.float32)
+
+    def step(s, t, head, labels, kl_w, ce_w):
+        def total(x):
+            kl, ce = losses.kd_kl_and_cross_entropy(
+                x, t, head, kl_w, labels, ce_w, temperature=2.0, tile_rows=tile)
+            return kl[0] + 0.5 * kl[1] + 0.25 * ce, (kl, ce)
+        (_, terms), grad = jax.value_and_grad(total, has_aux=True)(s)
+        # bf16 hidden states with the fp32 head: the head is cast once, before the loop.
+        kd16 = jax.value_and_grad(lambda x: losses.kd_kl(
+            x, t.astype(jnp.bfloat16), head, ce_w, tile_rows=tile))(s.astype(jnp.bfloat16))
+        return terms, grad, kd16, losses.top1_predictions(s, head, tile_rows=tile)
+
+    single = jax.jit(step)(s, t, head, labels, kl_w, ce_w)  # one device, no mesh
+
+    # The explicit formula: full logits in float64 numpy for the values, plain jax for the grad.
+    f64 = lambda x: np.asarray(x, np.float64)
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    lq, lp = log_softmax(f64(s) @ f64(head) / 2), log_softmax(f64(t) @ f64(head) / 2)
+    kl_rows = (np.exp(lp) * (lp - lq)).sum(-1)
+    ce_rows = -log_softmax(f64(s) @ f64(head))[np.arange(m), np.asarray(labels)]
+    w, c = f64(kl_w), f64(ce_w)
+    want_kl = (w * kl_rows[:, None]).sum(0) / w.sum(0)
+    want_ce = (c * ce_rows).sum() / c.sum()
+
+    def plain_total(x):
+        lq = jax.nn.log_softmax(x @ head / 2)
+        p = jax.nn.softmax(t @ head / 2)
+        kl = jnp.sum(p * (jnp.log(p) - lq), -1)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(x @ head), labels[:, None], 1)[:, 0]
+        kls = (kl_w * kl[:, None]).sum(0) / kl_w.sum(0)
+        return kls[0] + 0.5 * kls[1] + 0.25 * (ce_w * ce).sum() / ce_w.sum()
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    rows = P(("data", "fsdp"))
+    shardings = tuple(NamedSharding(mesh, p) for p in (
+        P(("data", "fsdp"), None), P(("data", "fsdp"), None), P("fsdp", "tensor"),
+        rows, P(("data", "fsdp"), None), rows))  # the head split like an FSDP lm_head
+    args = jax.device_put((s, t, head, labels, kl_w, ce_w), shardings)
+    sharded_step = jax.jit(step, in_shardings=shardings)
+    with jax.set_mesh(mesh):
+        sharded = sharded_step(*args)
+        hlo = sharded_step.lower(*args).compile().as_text()
+
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(f64(a), f64(b), rtol=1e-5, atol=1e-6)
+    (kl, ce), grad = sharded[0], sharded[1]
+    np.testing.assert_allclose(f64(kl), want_kl, rtol=1e-5)
+    np.testing.assert_allclose(float(ce), want_ce, rtol=1e-5)
+    np.testing.assert_allclose(f64(grad), f64(jax.grad(plain_total)(s)), rtol=1e-4, atol=1e-6)
+    assert np.abs(f64(grad)).max() > 1e-3
+
+    # Each device tiles its own 10 rows: logits [tile, V / tensor] = [4, 32], nothing larger.
+    for dims in re.findall(r"(?:f32|bf16)\[([\d,]+)\]", hlo):
+        dims = [int(d) for d in dims.split(",")]
+        head_like = h in dims or h // 2 in dims  # lm_head or its FSDP shard, not logits
+        if (v in dims or v // 2 in dims) and not head_like:
+            assert np.prod(dims) // max(d for d in dims if d in (v, v // 2)) <= tile, dims
+    # The head is gathered (over fsdp) and cast outside every tile loop, never inside one.
+    blocks = {}
+    for block in re.split(r"\n\n+", hlo):
+        name = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s", block)
+        if name:
+            blocks[name.group(1)] = block
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    assert len(bodies) >= 3, bodies
+    # 3 tiles of 4 local rows per loop (global tiles would make 10 of 1 row per device), and
+    # the tile's logits [4, 32] are formed inside the loops.
+    assert set(re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)) == {"3"}, hlo[:2000]
+    assert any(f"[{tile},{v // 2}]" in blocks[b] for b in bodies)
+    head_shape = re.compile(rf"(?:f32|bf16)\[{h},{v // 2}\]")
+    for body in bodies:
+        for line in blocks[body].splitlines():
+            if "all-gather(" in line or "convert(" in line:
+                assert not head_shape.search(line.split("=", 1)[1].split("(")[0]), line
+    gathers = [l for l in hlo.splitlines() if "all-gather(" in l and head_shape.search(l)]
+    assert gathers, "no all-gather of the head found"
+    print("per-device tiles == single device == formula")
+    """
+)
+
+
+def test_per_device_tiles_under_a_mesh_match_single_device_and_formula():
+    # Under jax.set_mesh (as the trainer traces its step) each device tiles the rows it holds.
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _PER_DEVICE_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "per-device tiles == single device == formula" in proc.stdout

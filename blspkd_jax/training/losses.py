@@ -3,13 +3,16 @@ computed in row tiles from hidden states and the frozen output head so that no [
 is ever materialised (docs/method.md §4).
 
 Rows M are the selected positions flattened over the batch (B*L, or only the positions a loss
-uses); H is the LLM width, V the vocabulary. One tiler (`_map_row_tiles`) and one custom VJP
-(`_tiled_weighted_means`) serve every function here. Each tile forms the student logits once and
-evaluates every requested per-row term on them (KL and cross-entropy), and one pass yields weighted
-means under several weight vectors at once (input_kl and response_kl are the same per-row KL under
-two row selections). The VJP computes each term's d(row)/d(hidden) inside that forward tile pass,
-while the tile's logits are alive anyway, so the backward pass only rescales [M, H] residuals and
-never revisits the vocabulary.
+uses); H is the LLM width, V the vocabulary. One tiler (`_map_device_row_tiles`) and one custom VJP
+(`_tiled_weighted_means`) serve every function here. Under a mesh (`jax.set_mesh`, as the trainer
+traces its step) the tiler runs per device (`jax.shard_map` over the batch axes "data" and "fsdp"):
+each device tiles the rows it holds, `tile_rows` at a time, against an output head cast to the
+compute dtype and gathered once before the loop, never inside it. Each tile forms the student
+logits once and evaluates every requested per-row term on them (KL and cross-entropy), and one
+pass yields weighted means under several weight vectors at once (input_kl and response_kl are the
+same per-row KL under two row selections). The VJP computes each term's d(row)/d(hidden) inside
+that forward tile pass, while the tile's logits are alive anyway, so the backward pass only
+rescales [M, H] residuals and never revisits the vocabulary.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
-# Rows per tile when the caller doesn't say; a tile holds ~4 [tile_rows, V] fp32 buffers (~6 in
-# kd_kl_and_cross_entropy).
+from blspkd_jax.models.sharding import BATCH_AXES
+
+# Rows per tile (on each device, under a mesh) when the caller doesn't say; a tile holds ~4
+# [tile_rows, V] fp32 buffers (~6 in kd_kl_and_cross_entropy).
 # CPU: 64, the fastest of 64/128/256/512 in two runs of benchmarks/kd_kl.py at Qwen2.5 shapes
 # (M = 2048, H = 896, V = 151936, fp32): 162 MiB of temporaries, 2.7% of the full-logits version's
 # 5.9 GiB, and 0.5-0.75x its time. Accelerators: 256 (608 MiB, 10% of naive at M = 2048), because
@@ -69,8 +75,9 @@ def _map_row_tiles(fn: Callable, rows: tuple[jax.Array, ...], tile_rows: int):
     `rows` share their leading dimension M; `fn` gets one [t, ...] slice of each and returns a
     pytree of arrays with leading dimension t. Rows are padded with zeros up to a whole number of
     tiles (the padded outputs are dropped). Tile k takes rows k, k + n_tiles, k + 2 n_tiles, ...:
-    when M is sharded in contiguous blocks over a "data" axis, every tile then holds an equal share
-    of every device's rows, so all devices work on every tile instead of taking turns.
+    when this runs on global rows sharded in contiguous blocks over a "data" axis (no mesh in
+    context, see `_map_device_row_tiles`), every tile then holds an equal share of every device's
+    rows, so all devices work on every tile instead of taking turns.
     """
     m = rows[0].shape[0]
     n_tiles, tile = _tile_shape(m, tile_rows)
@@ -85,6 +92,42 @@ def _map_row_tiles(fn: Callable, rows: tuple[jax.Array, ...], tile_rows: int):
 
     out = lax.map(lambda xs: fn(*xs), tuple(split(x) for x in rows))
     return jax.tree.map(merge, out)
+
+
+def _batch_axes() -> tuple[str, ...]:
+    """The batch axes ("data", "fsdp") of the mesh in context that split rows over > 1 device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
+
+
+def _map_device_row_tiles(fn: Callable, lm_head: jax.Array, rows: tuple, tile_rows: int, dtype):
+    """`fn(head, *row_tiles)` over tiles of the rows each device holds, outputs re-assembled.
+
+    `lm_head [H, V]` is cast to `dtype` (the hidden states' compute dtype, as the LLM's own head
+    does) once, here. Under a mesh whose batch axes ("data", "fsdp") split the rows, the tile loop
+    runs inside `jax.shard_map` over those axes: the head enters replicated over them (one
+    all-gather of the FSDP shards, before the loop; its vocabulary stays split over "tensor",
+    which is left to the compiler) and each device walks its own M / devices rows `tile_rows` at a
+    time. Row i's outputs depend on row i alone, so this equals the loop over global rows. Without
+    a mesh, or when the devices do not divide M, it is that global loop (`_map_row_tiles`).
+    """
+    head = lm_head.astype(dtype)
+    axes = _batch_axes()
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if devices == 1 or rows[0].shape[0] % devices:
+        return _map_row_tiles(lambda *r: fn(head, *r), rows, tile_rows)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(
+        lambda h, *r: _map_row_tiles(lambda *t: fn(h, *t), r, tile_rows),
+        in_specs=(PartitionSpec(), *(spec,) * len(rows)),
+        out_specs=spec,
+        axis_names=frozenset(axes),
+        check_vma=False,
+    )(head, *rows)
 
 
 def _logits(x: jax.Array, lm_head: jax.Array) -> jax.Array:
@@ -152,8 +195,12 @@ def _active_terms(weights: jax.Array, columns: tuple[int, ...], n_terms: int) ->
 def _tiled_weighted_means(
     terms: tuple[Term, ...], x, aux, lm_head, weights, columns: tuple[int, ...], tile_rows: int
 ):
-    rows = _map_row_tiles(
-        lambda xt, *at: _terms_on_tile(terms, xt, at, lm_head, False), (x, *aux), tile_rows
+    rows = _map_device_row_tiles(
+        lambda head, xt, *at: _terms_on_tile(terms, xt, at, head, False),
+        lm_head,
+        (x, *aux),
+        tile_rows,
+        x.dtype,
     )
     return _weighted_means(rows, weights, columns)
 
@@ -161,13 +208,13 @@ def _tiled_weighted_means(
 def _tiled_weighted_means_fwd(terms, x, aux, lm_head, weights, columns, tile_rows):
     active = _active_terms(weights, columns, len(terms))
 
-    def tile(xt, act, *at):
-        r, dx = _terms_on_tile(terms, xt, at, lm_head, True)
+    def tile(head, xt, act, *at):
+        r, dx = _terms_on_tile(terms, xt, at, head, True)
         # The cotangents of the K means are unknown until the backward pass, so keep each term's
         # gradient per row (J of them, J <= K) rather than a single pre-scaled one.
         return r, _masked(act, dx).astype(xt.dtype)
 
-    rows, dx = _map_row_tiles(tile, (x, active, *aux), tile_rows)
+    rows, dx = _map_device_row_tiles(tile, lm_head, (x, active, *aux), tile_rows, x.dtype)
     return _weighted_means(rows, weights, columns), (dx, _mean_scale(weights))
 
 
@@ -412,8 +459,10 @@ def top1_predictions(
 ) -> jax.Array:
     """argmax_v (hidden @ lm_head)[i, v] per row -> [M] int32, in tiles (for top-1 agreement)."""
     _check_rows("top1_predictions", hidden, lm_head)
-    return _map_row_tiles(
-        lambda h: jnp.argmax(_logits(h, lm_head), axis=-1).astype(jnp.int32),
+    return _map_device_row_tiles(
+        lambda head, h: jnp.argmax(_logits(h, head), axis=-1).astype(jnp.int32),
+        lm_head,
         (hidden,),
         _check_tile_rows("top1_predictions", tile_rows),
+        hidden.dtype,
     )

@@ -5,7 +5,8 @@ that evaluation reports with the same row selections.
 input_kl: KL(teacher || student) at the N transcript positions; response_kl: at every logit that
 predicts a response or end-of-turn token (shifted by one); response_ce: the student's cross-entropy
 there; cif: the quantity loss. Losses are computed tile by tile from hidden states and the frozen
-output head (`losses.py`), so no [B, L, V] logits are ever held for both passes.
+output head (`losses.py`), so no [B, L, V] logits are ever held for both passes; traced under the
+trainer's mesh, each device tiles its own rows of the batch against the head gathered once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class LossConfig:
     cif: float = 1.0
     response_ce: float = 0.0
     temperature: float = 2.0
-    tile_rows: int = 0  # rows per loss tile; 0: losses.default_tile_rows() for the backend
+    # Rows per loss tile on each device (each tiles the rows it holds under the trainer's mesh);
+    # 0: losses.default_tile_rows() for the backend.
+    tile_rows: int = 0
 
     def weight(self, name: str) -> float:
         return float(getattr(self, name))
