@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from blspkd_jax import cli
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.evaluate import (
     REFERENCE_KEY,
     TASKS,
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     cli.setup_logging(args.verbose)
 
     def body() -> int:
+        multihost.initialize()  # several hosts: every process runs this command alike
         metrics = evaluate_run(
             args.workdir,
             args.manifest,
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens,
             max_rows=args.max_rows,
         )
-        print(metrics_markdown(metrics))
+        if multihost.is_writer():
+            print(metrics_markdown(metrics))
         return 0
 
     return cli.run(body, interrupted="interrupted: the evaluation was not finished")

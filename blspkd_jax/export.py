@@ -14,10 +14,11 @@ from pathlib import Path
 
 from blspkd_jax import cli
 from blspkd_jax.data.manifest import read_rows
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.export import (
     DEFAULT_SHARD_BYTES,
     LLM_SUBDIR,
-    check_out,
+    check_out_agreed,
     export_run,
     save_exported,
     verify_export,
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     cli.setup_logging(args.verbose)
 
     def body() -> int:
-        check_out(Path(args.out), args.force)  # before the minutes of loading the run
+        multihost.initialize()  # several hosts: every process runs this command alike
+        check_out_agreed(Path(args.out), args.force)  # before the minutes of loading the run
         run = load_run(args.workdir, args.step)
         out = export_run(
             args.workdir,
@@ -75,10 +77,13 @@ def main(argv=None) -> int:
             run=run,
             force=args.force,
         )
-        print(f"exported {args.workdir} step {run.step} to {out}", file=sys.stderr)
+        if multihost.is_writer():
+            print(f"exported {args.workdir} step {run.step} to {out}", file=sys.stderr)
         if args.verify_manifest:
             rows = read_rows(args.verify_manifest)[: args.verify_rows]
-            pairs = verify_export(out, run, rows)
+            pairs = verify_export(out, run, rows)  # JAX on every process, PyTorch on process 0
+            if not multihost.is_writer():
+                return 0
             for r, (jax_text, torch_text) in zip(rows, pairs, strict=True):
                 mark = "==" if jax_text == torch_text else "!="
                 print(f"{r.id}: JAX {jax_text!r} {mark} PyTorch {torch_text!r}")

@@ -1,7 +1,8 @@
 """Generate: `python -m blspkd_jax.generate speech --workdir DIR --manifest M --out OUT.jsonl
 [--instruction TEXT] [--max-new-tokens N] [--step N] [--batch-size N]` writes the greedy response
 to each row's audio as `{"id", "response"}` lines; rows it cannot use (malformed, unreadable, too
-long for the encoder) are skipped and listed as `MANIFEST:LINE: reason`.
+long for the encoder) are skipped and listed as `MANIFEST:LINE: reason`. On several hosts, start it
+on each (as training): each process decodes its rows of every batch, process 0 writes OUT.
 
 Also the stable name of the generation API: `greedy` and `generate` (KV-cache decoding,
 `blspkd_jax.inference.generate`) and `speech_responses` / `text_responses` (a trained run's
@@ -15,6 +16,7 @@ import sys
 
 from blspkd_jax import cli
 from blspkd_jax.data.manifest import DataError, read_manifest, write_jsonl
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.generate import generate, greedy
 from blspkd_jax.inference.respond import speech_responses, text_responses, usable_rows
 from blspkd_jax.inference.workdir import load_run
@@ -43,11 +45,13 @@ def main(argv=None) -> int:
     cli.setup_logging(args.verbose)
 
     def body() -> int:
+        multihost.initialize()  # several hosts: every process runs this command alike
         rows, bad = read_manifest(args.manifest)
         run = load_run(args.workdir, args.step)
         rows, unusable = usable_rows(run, rows, args.manifest)
         bad += unusable
-        for b in sorted(bad, key=lambda b: b.line):
+        writer = multihost.is_writer()  # every process generates its rows; process 0 writes
+        for b in sorted(bad, key=lambda b: b.line) if writer else ():
             print(f"skipped {b}", file=sys.stderr)
         if not rows:
             raise DataError(f"{args.manifest}: no usable rows ({len(bad)} skipped)")
@@ -58,11 +62,12 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )
-        write_jsonl(
-            args.out, ({"id": r.id, "response": s} for r, s in zip(rows, responses, strict=True))
-        )
-        skipped = f" ({len(bad)} rows skipped, listed above)" if bad else ""
-        print(f"wrote {len(rows)} responses to {args.out}{skipped}", file=sys.stderr)
+        if writer:
+            pairs = zip(rows, responses, strict=True)
+            write_jsonl(args.out, ({"id": r.id, "response": s} for r, s in pairs))
+            skipped = f" ({len(bad)} rows skipped, listed above)" if bad else ""
+            print(f"wrote {len(rows)} responses to {args.out}{skipped}", file=sys.stderr)
+        multihost.barrier("responses written")
         return 0
 
     return cli.run(body, interrupted="interrupted: nothing written")

@@ -1,8 +1,9 @@
 """Continuation labels (BLSP's recipe): `python -m blspkd_jax.labels --llm HF_DIR --manifest
 IN.jsonl --out OUT.jsonl [--instruction TEXT] [--system TEXT] [--batch-size N]
-[--max-new-tokens N]` adds to every row the frozen LLM's continuation of its transcript as
-"response". Rerunning resumes an
-unfinished OUT. The code is `blspkd_jax.inference.labels`.
+[--max-new-tokens N] [--dtype auto|float32|bfloat16]` adds to every row the frozen LLM's
+continuation of its transcript as "response". Rerunning resumes an unfinished OUT. Runs on every
+device (several hosts: start it on each, as training is started); the LLM is loaded sharded.
+The code is `blspkd_jax.inference.labels`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from transformers import AutoTokenizer
 
 from blspkd_jax import cli
 from blspkd_jax.data.layout import CHATML_TEMPLATE, DEFAULT_SYSTEM
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.labels import DEFAULT_INSTRUCTION, label_manifest
-from blspkd_jax.models import hf
+from blspkd_jax.models import hf, sharding
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="parameter and compute dtype of the LLM (auto: the checkpoint's torch_dtype, as "
+        "stored; float32 when it names none)",
+    )
+    ap.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        help="devices that split each layer's heads and MLP (mesh.tensor); the others split "
+        "the parameters FSDP-style and the batch (default 1)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_verbose_flag(ap)
     args = ap.parse_args(argv)
@@ -63,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         elif template:
             with open(template, encoding="utf-8") as f:
                 template = f.read()
-        module, params = hf.load_llm(args.llm, dtype=jnp.dtype(args.dtype))
+        # Every process of a multi-host job runs this; the LLM is read straight into the mesh of
+        # all their devices (no device holds it whole), each process feeds its rows.
+        multihost.initialize()
+        mesh = sharding.make_mesh(1, -1, args.tensor_parallel)
+        dtype = _dtype(args.llm) if args.dtype == "auto" else jnp.dtype(args.dtype)
+        module, params = hf.load_llm(args.llm, dtype=dtype, mesh=mesh)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.llm)
         kept, made = label_manifest(
             args.manifest,
@@ -87,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return cli.run(body, interrupted="interrupted: rerun the same command to finish OUT")
+
+
+def _dtype(llm_dir) -> jnp.dtype:
+    """The dtype a Hugging Face config.json stores its weights in (`torch_dtype`, or `dtype` in
+    newer transformers); float32 when it names none we compute in."""
+    cfg = hf.read_config(llm_dir)
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").removeprefix("torch.")
+    return jnp.dtype(name) if name in ("float32", "bfloat16", "float16") else jnp.dtype("float32")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from blspkd_jax.models.adapter import CFormerConfig
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, param_shapes
 from blspkd_jax.models.encoder import WhisperEncoderConfig
 from blspkd_jax.models.llm import LLM, lm_head_kernel, split_lora
+from blspkd_jax.models.llm import params_to_hf as llm_params_to_hf
 from blspkd_jax.training import build, checkpoint, optim, train_state, weights
 from blspkd_jax.training import config as config_lib
 from blspkd_jax.training.config import base_config
@@ -273,6 +274,25 @@ def test_export_directory_and_exact_round_trip(from_workdir, direct):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(blspkd_hf.ExportError, match="model_type is 'llama', expected 'blspkd'"):
         blspkd_hf.load_exported(out / "llm")
+
+
+def test_streamed_weights_are_the_whole_state_dict_written_at_once(from_workdir, direct, tmp_path):
+    """The export writes its weights one tensor at a time (what lets it run on parameters spread
+    over many hosts); its files are byte for byte those `hf.write_state_dict` writes from the
+    whole `params_to_hf` dict held at once, sharded (40 kB) and not, OUT/llm included."""
+    for ex, shard in ((from_workdir, 40000), (direct, 5 << 30)):
+        cfg, params = ex.run.model.config, ex.run.params
+        ref = tmp_path / ex.out.name
+        hf.write_state_dict(ref, blspkd_hf.params_to_hf(cfg, params), max_shard_bytes=shard)
+        base = dataclasses.replace(cfg.llm, lora_rank=0, scan_layers=False)
+        llm = blspkd_hf.looped_params(cfg, params)["llm"]
+        hf.write_state_dict(ref / "llm", llm_params_to_hf(base, llm), max_shard_bytes=shard)
+        for sub in ("", "llm"):
+            files = sorted(p.name for p in (ref / sub).glob("model*.safetensors*"))
+            assert files == sorted(p.name for p in (ex.out / sub).glob("model*.safetensors*")), sub
+            assert len(files) > (3 if shard < 1e6 and not sub else 0)
+            for name in files:
+                assert (ref / sub / name).read_bytes() == (ex.out / sub / name).read_bytes()
 
 
 def _batch(run, rows, *, response_tokens=(3, 5)):

@@ -2,6 +2,9 @@
 left-padded, early eos), speech prompts with PLoRA against a cache-free loop, and sampling."""
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +234,58 @@ def test_select_token_distribution():
     np.testing.assert_allclose(freq(2.0, 1.0), expect, atol=0.03)
     # Greedy ignores the key.
     assert np.all(np.asarray(draw(logits, keys, 1.0, 1.0, sample=False)) == 1)
+
+
+SHARDED = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from jax.sharding import PartitionSpec as P
+from blspkd_jax.inference.generate import generate, param_shardings
+from blspkd_jax.models import hf, sharding
+path, eos = sys.argv[1], int(sys.argv[2])
+module, params = hf.load_llm(path)
+rs = np.random.RandomState(0)
+ids = rs.randint(3, 96, (8, 9)).astype(np.int32)
+mask = np.ones((8, 9), np.int32)
+for b, n in enumerate([9, 5, 7, 2, 9, 4, 1, 8]):
+    mask[b, : 9 - n] = 0
+kw = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=1)
+one = np.asarray(generate(module, params, input_ids=ids, attention_mask=mask, **kw))
+mesh = sharding.make_mesh(1, 4, 2)
+_, placed = hf.load_llm(path, mesh=mesh)
+targets = param_shardings(module, mesh)
+for x, s in zip(jax.tree.leaves(placed), jax.tree.leaves(targets), strict=True):
+    assert x.sharding == s, (x.sharding, s)
+assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
+got = generate(module, placed, input_ids=ids, attention_mask=mask, **kw)  # compiles
+assert got.sharding.spec == P(("data", "fsdp"), None), got.sharding
+moved, put = [], jax.device_put
+jax.device_put = lambda *a, **k: moved.append(a) or put(*a, **k)  # every reshard goes through it
+again = generate(module, placed, input_ids=ids, attention_mask=mask, **kw)
+jax.device_put = put
+assert moved == [], len(moved)  # the params went into the compiled program where they were
+odd = generate(module, placed, input_ids=ids[:3], attention_mask=mask[:3], **kw)
+assert (np.asarray(got) == one).all() and (np.asarray(again) == one).all(), (got, one)
+assert (np.asarray(odd) == one[:3]).all()  # 3 rows on 8 devices: the batch runs replicated
+print("OK", (one == eos).any(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sharded_generation_equals_one_device(saved):
+    """On 8 virtual devices (fsdp 4 x tensor 2) with the LLM loaded straight into its shardings,
+    greedy tokens equal the single-device run's; the output comes back split by batch, and no
+    parameter is moved before the compiled program (it takes the weights where they are; only the
+    prompts are copied in from the host).
+    """
+    path, _, eos, _ = saved["llama"]
+    p = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(path), str(eos[0])],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0 and "OK True" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]

@@ -8,13 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import jax
+from etils import epath
 
 from blspkd_jax.data import manifest as manifest_lib
 from blspkd_jax.data.manifest import BadRow, DataError, write_jsonl
 from blspkd_jax.data.pipeline import eval_pipeline
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.metrics import bleu, exact_match, sentence_match, wer
 from blspkd_jax.inference.respond import speech_responses, text_responses
 from blspkd_jax.inference.workdir import Run, RunError, load_run
@@ -108,29 +114,83 @@ def evaluate_run(
     run's data config, unreadable audio) are skipped by both parts and counted in "skipped".
     Writes `out` (default WORKDIR/eval): manifest.jsonl (the rows evaluated), responses.jsonl,
     metrics.json and metrics.md; returns the metrics.
+
+    On several processes (a multi-host mesh) every process calls this alike: each loads its own
+    rows of every batch (the consistency pass and both generations), the metrics come out the
+    same on every process, and process 0 writes `out`.
     """
     if not isinstance(run, Run):
         run = load_run(run, step)
     elif step is not None and step != run.step:
         raise RunError(f"evaluate_run: the given run is at step {run.step}, not {step}")
-    out = Path(out) if out else run.workdir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    eval_manifest = out / "manifest.jsonl"
+    out = epath.Path(out) if out else run.workdir / "eval"
+    writer = multihost.is_writer()
+    # Every process reads the same rows. Process 0 keeps them in OUT; the others in a local
+    # scratch file, so no process depends on seeing another's disk.
+    scratch = None
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        eval_manifest = out / "manifest.jsonl"
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="blspkd-eval-")
+        eval_manifest = Path(scratch.name) / "manifest.jsonl"
+    try:
+        return _evaluate(
+            run,
+            manifest,
+            eval_manifest,
+            out,
+            instruction=instruction,
+            task=task,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_rows=max_rows,
+            worker_count=worker_count,
+            progress=progress,
+        )
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _evaluate(
+    run,
+    manifest,
+    eval_manifest: Path,
+    out: epath.Path,
+    *,
+    instruction,
+    task,
+    batch_size,
+    max_new_tokens,
+    max_rows,
+    worker_count,
+    progress,
+) -> dict:
+    writer = multihost.is_writer()
     objs, malformed = prepare_manifest(manifest, eval_manifest, instruction, max_rows)
     task = _infer_task(task, objs)
-    if malformed:
+    if malformed and writer:
         log.warning("%s: %d malformed rows skipped (%s)", manifest, len(malformed), malformed[0])
 
-    devices = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    batch_size = -(-batch_size // devices) * devices  # the batch is split over data x fsdp
+    processes = jax.process_count()
+    # The batch is split over data x fsdp, and each process loads its own share of it.
+    devices = math.lcm(multihost.batch_divisor(run.mesh), processes)
+    batch_size = -(-batch_size // devices) * devices
     dc = dataclasses.replace(
         run.data,
         eval_manifest=str(eval_manifest),
-        batch_size_per_process=batch_size,
+        batch_size_per_process=batch_size // processes,
         shuffle=False,
         **({} if worker_count is None else {"worker_count": worker_count}),
     )
-    pipeline = eval_pipeline(dc, run.tokenizer, workdir=str(out), process_index=0, process_count=1)
+    pipeline = eval_pipeline(
+        dc,
+        run.tokenizer,
+        workdir=str(out) if writer else None,  # process 0 lists the skipped rows
+        process_index=jax.process_index(),
+        process_count=processes,
+    )
     usable = {int(x) for x in pipeline.index.lines}
     rows, _ = manifest_lib.read_manifest(eval_manifest)
     rows = [r for r in rows if r.line in usable]
@@ -167,16 +227,18 @@ def evaluate_run(
         metrics["bleu"] = bleu(speech, references)
         metrics["bleu_text"] = bleu(text, references)
 
-    records = []
-    for i, (r, s, t) in enumerate(zip(rows, speech, text, strict=True)):
-        rec = {"id": r.id, "speech_response": s, "text_response": t, "transcript": r.text}
-        if references is not None:
-            rec[REFERENCE_KEY] = references[i]
-        records.append(rec)
-    write_jsonl(out / "responses.jsonl", records)
-    finite = {k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}
-    (out / "metrics.json").write_text(json.dumps(finite, indent=1) + "\n")  # NaN: null
-    (out / "metrics.md").write_text(metrics_markdown(metrics))
+    if writer:
+        records = []
+        for i, (r, s, t) in enumerate(zip(rows, speech, text, strict=True)):
+            rec = {"id": r.id, "speech_response": s, "text_response": t, "transcript": r.text}
+            if references is not None:
+                rec[REFERENCE_KEY] = references[i]
+            records.append(rec)
+        write_jsonl(out / "responses.jsonl", records)
+        finite = {k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}
+        (out / "metrics.json").write_text(json.dumps(finite, indent=1) + "\n")  # NaN: null
+        (out / "metrics.md").write_text(metrics_markdown(metrics))
+    multihost.barrier("evaluation written")
     return metrics
 
 

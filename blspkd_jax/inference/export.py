@@ -9,33 +9,33 @@ alone for transformers. The tensor names and config.json are `blspkd_jax.models.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import shutil
+import struct
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
+from flax import traverse_util
 from transformers import AutoModel, GenerationConfig, WhisperFeatureExtractor
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data.layout import ChatLayout
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.generate import stop_token_ids
 from blspkd_jax.inference.respond import speech_responses
 from blspkd_jax.inference.workdir import load_run
 from blspkd_jax.models import hf
-from blspkd_jax.models import llm as llm_lib
 from blspkd_jax.models.blspkd import BLSPKDConfig
-from blspkd_jax.models.blspkd_hf import (
-    ExportError,
-    hf_config,
-    is_exported,
-    looped_params,
-    params_to_hf,
-)
+from blspkd_jax.models.blspkd_hf import ExportError, export_tensors, hf_config, is_exported
+from blspkd_jax.models.layers import LAYOUT
 from blspkd_jax.models.llm_config import LLMConfig
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -60,7 +60,7 @@ def _generation_config(llm_cfg: LLMConfig, stop_ids, pad_id: int | None, max_new
 def read_metrics(workdir: str | os.PathLike) -> tuple[dict, dict]:
     """(last logged training metrics, last evaluation metrics) from `workdir/metrics.jsonl`;
     empty dicts when absent."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / "metrics.jsonl"
     train, evaluation = {}, {}
     if not path.is_file():
         return train, evaluation
@@ -166,8 +166,10 @@ def save_exported(
     `out` that is not an earlier export is refused unless `force`.
     """
     final = Path(out)
-    check_out(final, force)
-    with hf.atomic_directory(final) as tmp:
+    check_out_agreed(final, force)
+    writer = multihost.is_writer()
+    # Process 0 writes; the others take part in gathering each tensor (`_write_weights`).
+    with hf.atomic_directory(final) if writer else contextlib.nullcontext() as tmp:
         _write_export(
             tmp,
             model_cfg,
@@ -183,11 +185,27 @@ def save_exported(
             llm_dir=llm_dir,
             max_new_tokens=max_new_tokens,
         )
+    multihost.barrier("export written")
     return final
 
 
-def check_out(out: Path, force: bool) -> None:
+def check_out_agreed(out: str | os.PathLike, force: bool) -> None:
+    """`check_out` on process 0 (the one that writes), its ExportError raised on every process
+    (so that none goes on into collectives the others will never join)."""
+    error = None
+    if multihost.is_writer():
+        try:
+            check_out(out, force)
+        except ExportError as e:
+            error = str(e)
+    error = multihost.broadcast_json(error)
+    if error is not None:
+        raise ExportError(error)
+
+
+def check_out(out: str | os.PathLike, force: bool) -> None:
     """`out` must be free, empty, an earlier export, or replaced on purpose (`force`)."""
+    out = epath.Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file; expected a directory to write the export into")
     if out.is_dir() and any(out.iterdir()) and not is_exported(out) and not force:
@@ -198,7 +216,7 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def _write_export(
-    out: Path,
+    out: Path | None,
     model_cfg: BLSPKDConfig,
     params,
     tokenizer,
@@ -213,49 +231,189 @@ def _write_export(
     llm_dir,
     max_new_tokens,
 ) -> None:
-    tokenizer = copy.deepcopy(tokenizer)
-    if chat_template:
-        tokenizer.chat_template = chat_template  # the template the run trained with travels along
-    layout = ChatLayout(tokenizer, system_prompt, chat_template, instruction)
-    stops = stop_token_ids(model_cfg.llm.eos_token_id, tokenizer, layout, instruction)
-    gen_cfg = _generation_config(model_cfg.llm, stops, layout.pad_id, max_new_tokens)
-
-    hf.write_config(
-        out,
-        hf_config(
-            model_cfg,
-            system_prompt=system_prompt,
-            instruction=instruction,
-            chat_template=chat_template,
-        ),
-    )
-    hf.write_state_dict(out, params_to_hf(model_cfg, params), max_shard_bytes=max_shard_bytes)
-    for name in MODELING_FILES:
-        shutil.copyfile(MODELING_DIR / name, out / name)
-    # Whisper's extractor pads to chunk_length seconds: the encoder's window (30 s for every
-    # Whisper size). The model itself extracts at the audio's own length and pads as training did.
-    window_samples = 2 * model_cfg.encoder.max_source_positions * 160
-    chunk = window_samples // 16000 if window_samples % 16000 == 0 else 30
-    WhisperFeatureExtractor(
-        feature_size=model_cfg.encoder.num_mel_bins, sampling_rate=16000, chunk_length=chunk
-    ).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    gen_cfg.save_pretrained(str(out))
-    if llm_dir:
-        base = dataclasses.replace(model_cfg.llm, lora_rank=0, scan_layers=False)
-        llm_params = looped_params(model_cfg, params)["llm"]
-        hf.write_config(out / LLM_SUBDIR, base.to_hf())
-        hf.write_state_dict(
-            out / LLM_SUBDIR,
-            llm_lib.params_to_hf(base, llm_params),
-            max_shard_bytes=max_shard_bytes,
+    """Everything but the weights on process 0 (`out` None elsewhere); the weights on every
+    process together (`_write_weights`)."""
+    if out is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        if chat_template:
+            tokenizer.chat_template = chat_template  # the run's template travels along
+        layout = ChatLayout(tokenizer, system_prompt, chat_template, instruction)
+        stops = stop_token_ids(model_cfg.llm.eos_token_id, tokenizer, layout, instruction)
+        gen_cfg = _generation_config(model_cfg.llm, stops, layout.pad_id, max_new_tokens)
+        hf.write_config(
+            out,
+            hf_config(
+                model_cfg,
+                system_prompt=system_prompt,
+                instruction=instruction,
+                chat_template=chat_template,
+            ),
         )
-        tokenizer.save_pretrained(str(out / LLM_SUBDIR))
-        gen_cfg.save_pretrained(str(out / LLM_SUBDIR))
-    train, evaluation = metrics
-    (out / "README.md").write_text(
-        model_card(model_cfg, step=step, train=train, evaluation=evaluation, source=source)
-    )
+        for name in MODELING_FILES:
+            shutil.copyfile(MODELING_DIR / name, out / name)
+        # Whisper's extractor pads to chunk_length seconds: the encoder's window (30 s for every
+        # Whisper size). The model itself extracts at the audio's own length and pads as
+        # training did.
+        window_samples = 2 * model_cfg.encoder.max_source_positions * 160
+        chunk = window_samples // 16000 if window_samples % 16000 == 0 else 30
+        WhisperFeatureExtractor(
+            feature_size=model_cfg.encoder.num_mel_bins, sampling_rate=16000, chunk_length=chunk
+        ).save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        gen_cfg.save_pretrained(str(out))
+        if llm_dir:
+            base = dataclasses.replace(model_cfg.llm, lora_rank=0, scan_layers=False)
+            hf.write_config(out / LLM_SUBDIR, base.to_hf())
+            tokenizer.save_pretrained(str(out / LLM_SUBDIR))
+            gen_cfg.save_pretrained(str(out / LLM_SUBDIR))
+        train, evaluation = metrics
+        (out / "README.md").write_text(
+            model_card(model_cfg, step=step, train=train, evaluation=evaluation, source=source)
+        )
+    _write_weights(out, model_cfg, params, max_shard_bytes=max_shard_bytes, llm_dir=llm_dir)
+
+
+@jax.jit
+def _layer(x, i):
+    """Layer `i` of a stacked (scanned) parameter `[layers, ...]`, in a sharding derived from
+    the stack's: one compiled program per stack shape, whatever the layer."""
+    return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def _write_weights(
+    out: Path | None, model_cfg: BLSPKDConfig, params, *, max_shard_bytes: int, llm_dir: bool
+) -> None:
+    """The exported state dict (and OUT/llm's), one tensor at a time: every process joins in
+    gathering it (one layer of a scanned stack at a time), process 0 converts it to PyTorch's
+    layout and appends it to its safetensors shard. No process ever holds more than one tensor,
+    and the files are byte for byte those `hf.write_state_dict(out, params_to_hf(...))` writes.
+    """
+    flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+    tensors = export_tensors(model_cfg, flat)
+    specs = {}
+    for t in tensors:
+        x = flat[t.path]
+        shape = tuple(x.shape[1:] if t.layer is not None else x.shape)
+        # A zero-strided view: the layout's transpose gives the exported shape, nothing allocated.
+        view = np.broadcast_to(np.zeros((), np.dtype(x.dtype)), shape)
+        specs[t.name] = (LAYOUT[t.layout](view).shape, np.dtype(x.dtype))
+    main = llm = None
+    if out is not None:
+        main = StreamedStateDict(out, specs, max_shard_bytes)
+        if llm_dir:
+            only = {k[len("llm.") :]: v for k, v in specs.items() if k.startswith("llm.")}
+            llm = StreamedStateDict(out / LLM_SUBDIR, only, max_shard_bytes)
+    for t in tensors:  # name order: the order of the files' payloads
+        x = flat[t.path]
+        a = multihost.to_host(x if t.layer is None else _layer(x, t.layer))
+        if main is None:
+            continue
+        a = np.ascontiguousarray(LAYOUT[t.layout](a))
+        main.write(t.name, a)
+        if llm is not None and t.name.startswith("llm."):
+            llm.write(t.name[len("llm.") :], a)  # the same order: "llm." is a common prefix
+    for w in (main, llm):
+        if w is not None:
+            w.close()
+
+
+class StreamedStateDict:
+    """The files `hf.write_state_dict(path, tensors, max_shard_bytes)` writes (model.safetensors,
+    or model-XXXXX-of-YYYYY.safetensors shards and their index), byte for byte, written from
+    tensors handed over one at a time in name order. Only their shapes and dtypes (`specs`:
+    name -> (shape, dtype)) are needed up front, to lay out the headers.
+
+    (safetensors' own writer takes every tensor at once, which is the whole model.)
+    """
+
+    def __init__(self, path: Path, specs: dict, max_shard_bytes: int):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.names = sorted(specs)
+        self.specs = specs
+        # The shard split of hf.write_state_dict: in name order, a new shard when one would
+        # exceed max_shard_bytes.
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name in self.names:
+            nbytes = _nbytes(*specs[name])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        self.shards = shards
+        if len(shards) == 1:
+            self.files = [hf.SAFE_NAME]
+        else:
+            n = len(shards)
+            self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._next = 0  # index into self.names
+        self._shard = -1  # the shard being written
+        self._shard_names: set[str] = set()
+        self._file = None
+
+    def _header(self, names: list[str]) -> bytes:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            shape, dtype = self.specs[name]
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": hf._ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep the payload 8-byte aligned
+        return struct.pack("<Q", len(blob)) + blob
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor (names must come in sorted order, each once)."""
+        if self._next >= len(self.names) or name != self.names[self._next]:
+            want = self.names[self._next] if self._next < len(self.names) else "nothing"
+            raise ValueError(f"StreamedStateDict: got tensor {name!r}, expected {want!r}")
+        shape, dtype = self.specs[name]
+        if tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+            raise ValueError(
+                f"StreamedStateDict: {name} is {array.dtype}{list(array.shape)}, its header "
+                f"says {dtype}{list(shape)}"
+            )
+        self._open_for(name)
+        self._file.write(np.ascontiguousarray(array).tobytes())
+        self._next += 1
+
+    def _open_for(self, name: str) -> None:
+        if name in self._shard_names:
+            return
+        if self._file is not None:
+            self._file.close()
+        self._shard += 1
+        self._shard_names = set(self.shards[self._shard])
+        self._file = open(self.path / self.files[self._shard], "wb")  # noqa: SIM115
+        self._file.write(self._header(self.shards[self._shard]))
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (when sharded)."""
+        if self._next != len(self.names):
+            raise ValueError(
+                f"StreamedStateDict: closed after {self._next} of {len(self.names)} tensors"
+            )
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self.names:  # hf.write_state_dict writes an empty model.safetensors
+            (self.path / hf.SAFE_NAME).write_bytes(self._header([]))
+        if len(self.shards) > 1:
+            weight_map = {n: self.files[i] for i, names in enumerate(self.shards) for n in names}
+            total = sum(_nbytes(*self.specs[n]) for n in self.names)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.path / hf.SAFE_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def export_run(
@@ -274,11 +432,10 @@ def export_run(
     if run is None:
         run = load_run(workdir, step)
     d = run.config.data
-    params = jax.tree.map(np.asarray, run.params)  # gather shards to the host once
     return save_exported(
         out,
         run.model.config,
-        params,
+        run.params,  # sharded as loaded: the export gathers one tensor at a time
         run.tokenizer,
         system_prompt=d.system_prompt or None,
         instruction=d.instruction,
@@ -295,7 +452,9 @@ def export_run(
 def verify_export(out: str | os.PathLike, run, rows, *, max_new_tokens: int = 32):
     """(JAX text, PyTorch text) per manifest row: `generate.speech_responses` of the run against
     the export reloaded offline with `AutoModel.from_pretrained(out, trust_remote_code=True)` and
-    its `generate_from_audio` on the same 16 kHz samples (the rows' own instructions on both)."""
+    its `generate_from_audio` on the same 16 kHz samples (the rows' own instructions on both).
+    On several processes every process generates its share of JAX's text; PyTorch runs on
+    process 0, which alone gets the pairs (the others get [])."""
     rows = list(rows)
     want = speech_responses(
         run,
@@ -304,6 +463,8 @@ def verify_export(out: str | os.PathLike, run, rows, *, max_new_tokens: int = 32
         batch_size=max(1, min(8, len(rows))),
         progress=False,
     )
+    if not multihost.is_writer():
+        return []
     model = AutoModel.from_pretrained(str(out), trust_remote_code=True, local_files_only=True)
     model.eval()
     got = [

@@ -9,14 +9,18 @@ once per (batch, prompt length, max_new_tokens) shape, so callers pad prompts to
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from blspkd_jax.data.layout import ChatLayout
+from blspkd_jax.inference import multihost
+from blspkd_jax.models import sharding
 from blspkd_jax.models.llm import LLM, init_cache
 
 MIN_BUCKET = 16
@@ -62,10 +66,38 @@ def _head(llm: LLM, hidden):
     return llm.lm_head(hidden)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("module", "max_new_tokens", "stop_ids", "pad_id", "sample", "embeds"),
-)
+def _cache_logical(name: str, ndim: int) -> tuple:
+    """Logical axes of one KV-cache leaf (a leading layer axis when the layers are scanned):
+    keys and values `[B, S, K, Dh]` split by batch and KV heads, the mask `[B, S]` by batch."""
+    base = {
+        "cached_key": ("act_batch", None, "act_kv_heads", None),
+        "cached_value": ("act_batch", None, "act_kv_heads", None),
+        "cache_mask": ("act_batch", None),
+    }.get(name, ())
+    return (None,) * (ndim - len(base)) + base
+
+
+def cache_shardings(config, mesh: Mesh, batch: int, length: int, rules=sharding.RULES):
+    """NamedShardings of `init_cache(config, batch, length)`'s leaves by the rules table (a
+    dimension its axes do not divide is replicated)."""
+    abstract = jax.eval_shape(lambda: init_cache(config, batch, length))
+
+    def one(path, x):
+        names = _cache_logical(str(getattr(path[-1], "key", path[-1])), x.ndim)
+        spec = sharding.logical_to_spec(names, rules) if names else PartitionSpec()
+        return NamedSharding(mesh, sharding.divisible_spec(mesh, spec, x.shape))
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def param_shardings(module: LLM, mesh: Mesh):
+    """The LLM's parameters' NamedShardings on `mesh` by the rules table: the shardings the
+    trainer and `hf.load_llm(..., mesh=)` put them in (FSDP over `embed`, tensor over heads)."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxed = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
+    return sharding.logical_shardings(mesh, boxed)
+
+
 def _generate(
     params,
     prompt,
@@ -81,11 +113,13 @@ def _generate(
     pad_id: int,
     sample: bool,
     embeds: bool,
+    cache_specs,
 ):
     B, P = attention_mask.shape
     N = max_new_tokens
+    rng = jax.random.wrap_key_data(rng)  # passed as its uint32 data: host data in, like the rest
     # The last generated token is never fed back, so the cache needs P + N - 1 slots.
-    cache = init_cache(module.config, B, P + N - 1)
+    cache = jax.lax.with_sharding_constraint(init_cache(module.config, B, P + N - 1), cache_specs)
     prompt_kw = {"inputs_embeds": prompt} if embeds else {"input_ids": prompt}
     hidden, v = module.apply(
         {"params": params, "cache": cache},
@@ -124,10 +158,81 @@ def _generate(
         nxt = select_token(logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p, sample)
         nxt = jnp.where(done, pad_id, nxt)  # transformers' fill after a row has stopped
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, done | is_stop(nxt), out, v["cache"]
+        cache = jax.lax.with_sharding_constraint(v["cache"], cache_specs)
+        return i + 1, nxt, done | is_stop(nxt), out, cache
 
-    state = (jnp.ones((), jnp.int32), token, done, out, v["cache"])
+    cache = jax.lax.with_sharding_constraint(v["cache"], cache_specs)
+    state = (jnp.ones((), jnp.int32), token, done, out, cache)
     return jax.lax.while_loop(cond, body, state)[3]
+
+
+_COMPILED: dict = {}
+
+
+def _program(module: LLM, mesh: Mesh, shapes: tuple, lora: bool, **static):
+    """(the jitted generation program, its input shardings) for one configuration; built once
+    and kept, so that jit's compilation cache is hit on every later batch of the same shapes.
+
+    Parameters come in their rules-table shardings, the batch split over data x fsdp (replicated
+    where the batch does not divide), the KV cache by batch and KV heads; the compiled program
+    is the whole prefill + decode loop, so nothing is gathered outside it.
+    """
+    key = (module, mesh, shapes, lora, tuple(sorted(static.items())))
+    if key not in _COMPILED:
+        B, P = shapes[0][:2]
+        divides = B % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) == 0
+        # A batch that does not divide runs replicated; its activations must not be pinned to
+        # the batch axes either.
+        rules = sharding.RULES if divides else _replicated_batch_rules()
+        batch = lambda shape: NamedSharding(  # noqa: E731
+            mesh,
+            sharding.divisible_spec(
+                mesh, PartitionSpec(sharding.BATCH_AXES, *[None] * (len(shape) - 1)), shape
+            ),
+        )
+        scalar = NamedSharding(mesh, PartitionSpec())
+        cache_specs = cache_shardings(
+            module.config, mesh, B, P + static["max_new_tokens"] - 1, rules
+        )
+        in_shardings = (
+            param_shardings(module, mesh),
+            *(batch(s) for s in shapes),
+            batch(shapes[1]) if lora else None,
+            scalar,
+            scalar,
+            scalar,
+        )
+        fn = jax.jit(
+            functools.partial(_generate, module=module, cache_specs=cache_specs, **static),
+            in_shardings=in_shardings,
+            out_shardings=batch((B, static["max_new_tokens"])),
+        )
+        _COMPILED[key] = (fn, in_shardings, rules)
+    return _COMPILED[key]
+
+
+def _replicated_batch_rules():
+    return tuple((k, None if k == "act_batch" else v) for k, v in sharding.RULES)
+
+
+def _place(x, target: NamedSharding):
+    """`x` in `target`: global arrays already there pass through, host arrays are split (each
+    process copying only its own slices; every process holds the same host array)."""
+    if x is None:
+        return None
+    if isinstance(x, jax.Array):
+        return x if x.sharding.is_equivalent_to(target, x.ndim) else jax.device_put(x, target)
+    return multihost.global_from_host(np.asarray(x), target)
+
+
+def mesh_of(params) -> Mesh:
+    """The mesh the params live on (their NamedShardings'), else a one-device mesh of the
+    default device (params on one device or on the host)."""
+    for leaf in jax.tree.leaves(nn.unbox(params)):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
 def generate(
@@ -144,8 +249,10 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     rng=None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
-    """New tokens `[B, max_new_tokens]` int32 after a left-padded prompt.
+    """New tokens `[B, max_new_tokens]` int32 after a left-padded prompt, as a global array split
+    by batch over the mesh's data x fsdp devices (`multihost.to_host` brings it to every host).
 
     - Prompt: `input_ids [B, L]` (text) or `inputs_embeds [B, L, H]` (e.g. a text prompt with CIF
       vectors spliced in) plus `lora_mask [B, L]`, 1 at the speech positions: PLoRA is on there
@@ -157,6 +264,11 @@ def generate(
       0), as transformers' generate does. The loop ends when every row has stopped.
     - `temperature == 0` is greedy (argmax); `temperature > 0` samples from the tempered softmax
       restricted to the top-p nucleus, which needs `rng` (a jax.random key).
+    - `mesh`: where it runs (None: the params' mesh, else one device). The prefill and the whole
+      decode loop are one compiled program with explicit shardings: parameters in their
+      rules-table shardings (FSDP, tensor), the batch and the KV cache split by batch and KV heads,
+      so no parameter is gathered outside it. Host inputs may be numpy on every process (each
+      copies in only its own rows); on several processes every process passes the same batch.
     """
     config = module.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -172,11 +284,12 @@ def generate(
     sample = temperature > 0
     if sample and rng is None:
         raise ValueError("generate: sampling (temperature > 0) needs rng, a jax.random key")
-    prompt = jnp.asarray(input_ids if inputs_embeds is None else inputs_embeds)
+    prompt = _as_input(input_ids if inputs_embeds is None else inputs_embeds)
     B, L = prompt.shape[:2]
     if attention_mask is None:
-        attention_mask = jnp.ones((B, L), jnp.int32)
-    elif not isinstance(attention_mask, jax.core.Tracer):
+        attention_mask = np.ones((B, L), np.int32)
+    attention_mask = _as_input(attention_mask)
+    if not isinstance(attention_mask, jax.Array) or attention_mask.is_fully_addressable:
         m = np.asarray(attention_mask).astype(np.int32)
         if m.shape != (B, L) or np.any(np.diff(m, axis=-1) < 0):
             raise ValueError(
@@ -187,21 +300,41 @@ def generate(
         raise ValueError("generate: lora_mask given but the LLM config has lora_rank 0 (no PLoRA)")
     stop_ids = token_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
     pad_id = default_pad_id(config, stop_ids) if pad_token_id is None else int(pad_token_id)
-    return _generate(
-        nn.unbox(params),
-        prompt,
-        jnp.asarray(attention_mask),
-        None if lora_mask is None else jnp.asarray(lora_mask),
-        jnp.float32(max(temperature, 1e-6)),  # only divides when sampling
-        jnp.float32(top_p),
-        jax.random.key(0) if rng is None else rng,
-        module=module,
+    mesh = mesh_of(params) if mesh is None else mesh
+    lora_mask = None if lora_mask is None else _as_input(lora_mask)
+    shapes = (tuple(prompt.shape), (B, L))
+    fn, in_shardings, rules = _program(
+        module,
+        mesh,
+        shapes,
+        lora_mask is not None,
         max_new_tokens=int(max_new_tokens),
         stop_ids=stop_ids,
         pad_id=pad_id,
         sample=sample,
         embeds=inputs_embeds is not None,
     )
+    if rng is None:  # greedy: the key is never used; key(0)'s data, without a device round trip
+        rng = np.zeros(2, np.uint32)
+    elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    args = (
+        nn.unbox(params),
+        prompt,
+        attention_mask,
+        lora_mask,
+        np.float32(max(temperature, 1e-6)),  # only divides when sampling
+        np.float32(top_p),
+        np.asarray(rng, np.uint32),
+    )
+    placed = jax.tree.map(_place, args, in_shardings, is_leaf=lambda x: x is None)
+    with sharding.activate(mesh, rules):
+        return fn(*placed)
+
+
+def _as_input(x):
+    """Host data stays on the host (placed into the mesh by `_place`); arrays stay as they are."""
+    return x if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def greedy(

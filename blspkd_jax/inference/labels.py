@@ -9,17 +9,18 @@ Audio paths are rewritten to resolve from OUT's folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from blspkd_jax.data.layout import DEFAULT_SYSTEM, ChatLayout, text_ids
 from blspkd_jax.data.manifest import DataError, read_rows, write_jsonl
+from blspkd_jax.inference import multihost
 from blspkd_jax.inference.generate import (
     bucket_length,
     decode_response,
@@ -60,6 +61,10 @@ def continuations(
     run `batch_size` at a time (short batches are filled with empty rows). A response is the new
     tokens up to the first end-of-turn/eos token, decoded without special tokens and stripped.
     Greedy by default; `temperature > 0` samples (needs `rng`; one key per batch).
+
+    `params` may be sharded over a multi-process mesh (`hf.load_llm(path, dtype, mesh=)`): every
+    process then calls this with the same texts, each copies its own rows of every batch in,
+    and every process gets every response.
     """
     layout = ChatLayout(tokenizer, system, chat_template, instruction)
     template = layout.template(instruction)
@@ -79,6 +84,7 @@ def continuations(
         for b0 in range(0, len(order), batch_size):
             rows = order[b0 : b0 + batch_size]
             P = bucket_length(max(len(prompts[i]) for i in rows))
+            # Host prompts, whole on every process; generate copies each process's rows in.
             ids = np.full((batch_size, P), layout.pad_id, np.int32)
             mask = np.zeros((batch_size, P), np.int32)
             for j, i in enumerate(rows):
@@ -88,8 +94,8 @@ def continuations(
             new = generate(
                 module,
                 params,
-                input_ids=jnp.asarray(ids),
-                attention_mask=jnp.asarray(mask),
+                input_ids=ids,
+                attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stops,
                 pad_token_id=layout.pad_id,
@@ -97,7 +103,7 @@ def continuations(
                 top_p=top_p,
                 rng=key,
             )
-            new = np.asarray(new)
+            new = multihost.to_host(new)  # every process decodes (the writer writes)
             num_batches += 1
             for j, i in enumerate(rows):
                 results[i] = decode_response(tokenizer, new[j], stops)
@@ -168,6 +174,8 @@ def label_manifest(manifest: str, out: str, module, params, tokenizer, **kwargs)
     Resumable: rows of `manifest` already in `out` (same "id", else same position, and the same
     "text") are kept and not generated again; the others are appended as they finish. Returns
     (rows kept, rows generated). The finished file lists the rows in the manifest's order.
+    On several processes, every process calls this alike; process 0 alone reads and writes `out`
+    (the rows still to do are its decision, sent to the others).
     """
     if os.path.abspath(manifest) == os.path.abspath(out):
         raise DataError(f"--out {out} must differ from --manifest (the input is never rewritten)")
@@ -175,8 +183,46 @@ def label_manifest(manifest: str, out: str, module, params, tokenizer, **kwargs)
     # Audio paths that resolve from OUT's folder (relative ones were relative to the manifest's).
     rows = [{**r.fields, "audio": r.audio_from(folder)} for r in read_rows(manifest)]
     keys = _row_keys(rows)
-    done_rows = _read_done(out)
-    done = dict(zip(_row_keys(done_rows), done_rows, strict=True))
+    writer = multihost.is_writer()
+    done_rows: list[dict] = []
+    done: dict = {}
+    plan: dict = {"todo": [], "error": None}
+    if writer:
+        try:
+            done_rows = _read_done(out)
+            done = dict(zip(_row_keys(done_rows), done_rows, strict=True))
+            _check_same_manifest(manifest, out, keys, rows, done)
+            plan["todo"] = [i for i, k in enumerate(keys) if k not in done]
+        except DataError as e:
+            plan["error"] = str(e)
+    plan = multihost.broadcast_json(plan)  # the others must not go on into collectives alone
+    if plan["error"] is not None:
+        raise DataError(plan["error"])
+    todo = plan["todo"]
+    if todo:
+        responses = continuations(
+            module, params, tokenizer, [rows[i]["text"] for i in todo], **kwargs
+        )
+        if writer:
+            os.makedirs(folder, exist_ok=True)
+        with open(out, "a", encoding="utf-8") if writer else contextlib.nullcontext() as f:
+            for i, resp in zip(todo, responses, strict=True):
+                if f is None:
+                    continue
+                row = {**rows[i], "response": resp}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                done[keys[i]] = row
+                done_rows.append(row)
+    # Resumed around rows done out of order (or given an output with extra rows): put it in order.
+    if writer and _row_keys(done_rows) != keys:
+        write_jsonl(out, [done[k] for k in keys])
+    multihost.barrier("labels written")
+    return len(rows) - len(todo), len(todo)
+
+
+def _check_same_manifest(manifest, out, keys, rows, done) -> None:
+    """Refuse an `out` whose rows have other texts than `manifest`'s (another manifest's)."""
     for key, row in zip(keys, rows, strict=True):
         if key in done and done[key].get("text") != row["text"]:
             raise DataError(
@@ -184,20 +230,3 @@ def label_manifest(manifest: str, out: str, module, params, tokenizer, **kwargs)
                 f"{manifest} has {row['text']!r}: this output belongs to another manifest; "
                 "delete it or choose another --out"
             )
-    todo = [i for i, k in enumerate(keys) if k not in done]
-    if todo:
-        os.makedirs(folder, exist_ok=True)
-        responses = continuations(
-            module, params, tokenizer, [rows[i]["text"] for i in todo], **kwargs
-        )
-        with open(out, "a", encoding="utf-8") as f:
-            for i, resp in zip(todo, responses, strict=True):
-                row = {**rows[i], "response": resp}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                done[keys[i]] = row
-                done_rows.append(row)
-    # Resumed around rows done out of order (or given an output with extra rows): put it in order.
-    if _row_keys(done_rows) != keys:
-        write_jsonl(out, [done[k] for k in keys])
-    return len(rows) - len(todo), len(todo)

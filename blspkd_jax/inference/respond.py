@@ -10,8 +10,8 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -19,7 +19,15 @@ from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data.features import log_mel, pad_features
 from blspkd_jax.data.layout import text_ids
 from blspkd_jax.data.manifest import BadRow, DataError
-from blspkd_jax.inference.generate import bucket_length, decode_response, generate, stop_token_ids
+from blspkd_jax.inference import multihost
+from blspkd_jax.inference.generate import (
+    bucket_length,
+    decode_response,
+    generate,
+    param_shardings,
+    stop_token_ids,
+)
+from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, splice_speech
 from blspkd_jax.models.llm import LLM
 
@@ -79,31 +87,83 @@ def _speech_vectors(params, features, feature_mask, *, model: BLSPKD):
     return tokens, token_mask.sum(-1), aux["alphas"]
 
 
+def _run_speech(run, features, feature_mask):
+    """Encoder + CFormer on a batch (host arrays, or global arrays split by batch) on the run's
+    mesh -> (vectors, counts, alphas) as global arrays split by batch."""
+    place = lambda x: (  # noqa: E731
+        x
+        if isinstance(x, jax.Array)
+        else multihost.global_from_host(x, multihost.batch_spec(run.mesh, np.shape(x)))
+    )
+    with sharding.activate(run.mesh, _rules(run.mesh, features.shape[0])):
+        return _speech_vectors(run.params, place(features), place(feature_mask), model=run.model)
+
+
+def _rules(mesh, batch: int):
+    """The rules table, with activations' batch axis replicated when the batch does not split."""
+    if batch % multihost.batch_divisor(mesh) == 0:
+        return sharding.RULES
+    return tuple((k, None if k == "act_batch" else v) for k, v in sharding.RULES)
+
+
 def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
     """Encoder + CFormer in inference mode (no target lengths: CIF emits
     `N_b = max(1, round(sum(alpha_b)))` vectors, at most `model.adapter.max_tokens`).
 
-    log-mel `[B, n_mels, F]`, mask `[B, F]` -> (vectors `[B, max_tokens, H]`, N `[B]` int).
+    log-mel `[B, n_mels, F]`, mask `[B, F]` (host arrays of the whole batch, or global arrays
+    split by batch) -> (vectors `[B, max_tokens, H]`, a global array split by batch; N `[B]` int
+    on the host).
     """
-    tokens, counts, _ = _speech_vectors(
-        run.params, jnp.asarray(features), jnp.asarray(feature_mask), model=run.model
-    )
-    return tokens, np.asarray(counts)
+    tokens, counts, _ = _run_speech(run, features, feature_mask)
+    return tokens, multihost.to_host(counts)
 
 
 def speech_alphas(run, features, feature_mask) -> np.ndarray:
     """The CFormer's firing weights `[B, ceil(F/2)]` for log-mel `[B, n_mels, F]` (0 on padding),
     from the same compiled program as `speech_vectors`."""
-    _, _, alphas = _speech_vectors(
-        run.params, jnp.asarray(features), jnp.asarray(feature_mask), model=run.model
+    _, _, alphas = _run_speech(run, features, feature_mask)
+    return multihost.to_host(alphas)
+
+
+_SPLICE: dict = {}
+
+
+def _splice(run, module: LLM, input_ids, speech_mask, vectors):
+    """The prompt's text embeddings with `vectors` at the speech slots, `[B, P, H]`, split by
+    batch on the run's mesh (jit with explicit shardings: the embedding table stays sharded)."""
+    mesh = run.mesh
+    key = (module, mesh, input_ids.shape, vectors.shape)
+    if key not in _SPLICE:
+
+        def splice(params, ids, mask, vec):
+            text = module.apply({"params": params}, ids, method=LLM.embed)
+            return splice_speech(text, vec, mask)
+
+        B, P = input_ids.shape
+        _SPLICE[key] = jax.jit(
+            splice,
+            in_shardings=(
+                param_shardings(module, mesh),
+                multihost.batch_spec(mesh, (B, P)),
+                multihost.batch_spec(mesh, (B, P)),
+                multihost.batch_spec(mesh, vectors.shape),
+            ),
+            out_shardings=multihost.batch_spec(mesh, (B, P, module.config.hidden_size)),
+        )
+    fn = _SPLICE[key]
+    args = (
+        input_ids,
+        speech_mask,
+        vectors,
     )
-    return np.asarray(alphas)
-
-
-@functools.partial(jax.jit, static_argnames=("module",))
-def _splice(params, input_ids, speech_mask, vectors, *, module: LLM):
-    text = module.apply({"params": params}, input_ids, method=LLM.embed)
-    return splice_speech(text, vectors, speech_mask)
+    placed = [
+        x
+        if isinstance(x, jax.Array)
+        else multihost.global_from_host(x, multihost.batch_spec(mesh, x.shape))
+        for x in args
+    ]
+    with sharding.activate(mesh, _rules(mesh, input_ids.shape[0])):
+        return fn(nn.unbox(run.llm_params), *placed)
 
 
 def generate_from_prompts(
@@ -115,33 +175,29 @@ def generate_from_prompts(
     max_new_tokens: int,
     stop_ids: Sequence[int],
 ) -> np.ndarray:
-    """Greedy new tokens `[B, max_new_tokens]` for a prompt batch.
+    """Greedy new tokens `[B, max_new_tokens]` for a prompt batch (on every process).
 
     With `vectors [B, N, H]`, the k-th speech slot of row b gets `vectors[b, k]` and PLoRA is on
     at the speech slots (`lora=False` switches it off: the base LLM); without, the prompt's ids
-    are read as text.
+    are read as text. The prompts are host arrays every process holds whole (they are small);
+    `vectors` may be a global array split by batch (`speech_vectors`).
     """
     llm_cfg = run.model.config.llm
     module = LLM(llm_cfg)
     kw = dict(
-        attention_mask=jnp.asarray(prompts.attention_mask),
+        attention_mask=prompts.attention_mask,
         max_new_tokens=max_new_tokens,
         eos_token_id=tuple(stop_ids),
         pad_token_id=run.layout.pad_id,
+        mesh=run.mesh,
     )
     if vectors is None:
-        return np.asarray(generate(module, run.llm_params, input_ids=prompts.input_ids, **kw))
-    embeds = _splice(
-        run.llm_params,
-        jnp.asarray(prompts.input_ids),
-        jnp.asarray(prompts.speech_mask),
-        jnp.asarray(vectors),
-        module=module,
-    )
-    lora_mask = jnp.asarray(prompts.speech_mask) if lora and llm_cfg.lora_rank else None
-    return np.asarray(
-        generate(module, run.llm_params, inputs_embeds=embeds, lora_mask=lora_mask, **kw)
-    )
+        new = generate(module, run.llm_params, input_ids=prompts.input_ids, **kw)
+        return multihost.to_host(new)
+    embeds = _splice(run, module, prompts.input_ids, prompts.speech_mask, vectors)
+    lora_mask = prompts.speech_mask if lora and llm_cfg.lora_rank else None
+    new = generate(module, run.llm_params, inputs_embeds=embeds, lora_mask=lora_mask, **kw)
+    return multihost.to_host(new)
 
 
 def stop_ids_for(run, instructions: Sequence[str | None]) -> tuple[int, ...]:
@@ -175,9 +231,9 @@ def frame_bucket(run, frames: int) -> int:
     return next((int(f) for f in run.data.frame_buckets if f >= frames), window)
 
 
-def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
-    """Decode rows' audio (any format, resampled to 16 kHz mono) to padded log-mels
-    `([B, n_mels, F], mask [B, F])`, as the training pipeline pads them."""
+def _decode(run, rows) -> list[np.ndarray]:
+    """Each row's log-mel `[n_mels, F_i]` (audio in any format, resampled to 16 kHz mono); a
+    DataError names the row whose audio can't be read or is beyond the encoder's window."""
     n_mels = run.model.config.encoder.num_mel_bins
     feats = []
     for r in rows:
@@ -187,8 +243,21 @@ def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
         except ValueError as e:  # AudioError, too short for one STFT window, or too long
             raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
         feats.append(f)
+    return feats
+
+
+def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
+    """Decode rows' audio (any format, resampled to 16 kHz mono) to padded log-mels
+    `([B, n_mels, F], mask [B, F])`, as the training pipeline pads them."""
+    feats = _decode(run, rows)
     longest = max(f.shape[1] for f in feats)
     return pad_features(feats, frame_bucket(run, longest))
+
+
+def _round_batch(run, batch_size: int) -> int:
+    """`batch_size` rounded up to split evenly over the mesh's batch devices (filler rows)."""
+    n = multihost.batch_divisor(run.mesh)
+    return -(-batch_size // n) * n
 
 
 def audio_lengths(rows) -> list[int]:
@@ -288,11 +357,27 @@ def speech_responses(
     """
     rows = list(rows)
 
+    batch_size = _round_batch(run, batch_size)
+    n_mels = run.model.config.encoder.num_mel_bins
+
     def speech(idx):
-        feats, mask = load_features(run, [rows[i] for i in idx])
-        fill = batch_size - len(idx)  # filler rows repeat row 0's audio; their prompt is empty
-        feats = np.concatenate([feats, np.repeat(feats[:1], fill, 0)])
-        mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
+        # Each process decodes only the rows its devices hold (filler rows repeat the batch's
+        # first row's audio; their prompt is empty); the batch's frame bucket is agreed on.
+        target = multihost.batch_spec(run.mesh, (batch_size, n_mels, 1))
+        mine = multihost.local_rows(target, (batch_size, n_mels, 1))
+        take = sorted({b if b < len(idx) else 0 for b in mine})
+        decoded = _decode(run, [rows[idx[b]] for b in take])
+        F = frame_bucket(run, multihost.allmax(max(f.shape[1] for f in decoded)))
+        host_feats, masks = pad_features(decoded, F)
+        at = {b: k for k, b in enumerate(take)}
+        pick = lambda a, b: a[at[b if b < len(idx) else 0]]  # noqa: E731
+        feats = multihost.global_from_rows(
+            (batch_size, n_mels, F), np.float32, target, lambda b: pick(host_feats, b)
+        )
+        mask_target = multihost.batch_spec(run.mesh, (batch_size, F))
+        mask = multihost.global_from_rows(
+            (batch_size, F), bool, mask_target, lambda b: pick(masks, b)
+        )
         vectors, counts = speech_vectors(run, feats, mask)
         return [int(n) for n in counts[: len(idx)]], vectors
 
@@ -313,6 +398,7 @@ def text_responses(
     frozen LLM (PLoRA off) says when it reads the text. Speech and text responses that agree
     are the exact-match metric (docs/method.md §7)."""
     rows = list(rows)
+    batch_size = _round_batch(run, batch_size)
     spans = text_ids(run.tokenizer, [r.text for r in rows]) if rows else []
     lengths = lambda _rows: [len(s) for s in spans]  # tokenized once, above
     text = lambda idx: ([spans[i] for i in idx], None)

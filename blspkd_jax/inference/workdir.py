@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
@@ -36,7 +36,7 @@ class RunError(ValueError):
 class Run:
     """A trained run, ready for inference. `params` is the nested tree `model.apply` takes."""
 
-    workdir: Path
+    workdir: epath.Path
     step: int
     config: ml_collections.ConfigDict
     model: BLSPKD
@@ -53,9 +53,10 @@ class Run:
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run saved as `workdir/config.json`."""
-    path = Path(workdir) / "config.json"
-    if not Path(workdir).is_dir():
+    """The resolved config a run saved as `workdir/config.json` (any `etils.epath` path:
+    local, gs://, ...)."""
+    path = epath.Path(workdir) / "config.json"
+    if not epath.Path(workdir).is_dir():
         raise RunError(f"workdir {workdir} does not exist (expected a training run's directory)")
     if not path.is_file():
         raise RunError(
@@ -78,8 +79,9 @@ def load_run(
     workdir: str | os.PathLike, step: int | None = None, *, mesh: Mesh | None = None
 ) -> Run:
     """The run in `workdir` at checkpoint `step` (None: the latest), on `mesh` (None:
-    `default_mesh()`). Single process: every array is addressable here."""
-    workdir = Path(workdir)
+    `default_mesh()`: every device of every process). On several processes every process calls
+    this alike and the parameters are sharded over all of them (no process holds the model)."""
+    workdir = epath.Path(workdir)
     config = read_config(workdir)
     steps = checkpoint.steps(workdir)
     if not steps:

@@ -11,7 +11,8 @@ import copy
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from blspkd_jax.models import encoder as encoder_lib
@@ -153,6 +155,58 @@ def params_to_hf(model_cfg: BLSPKDConfig, params) -> dict[str, np.ndarray]:
     for name, path in _lora_rows(model_cfg.llm):
         out[f"llm_lora.{name}"] = np.ascontiguousarray(np.asarray(flat_llm[path]).T)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportTensor:
+    """One tensor of the exported state dict and where it lives in our flat params."""
+
+    name: str  # exported name, e.g. "llm.model.layers.0.self_attn.q_proj.weight"
+    path: str  # our flat parameter path, e.g. "llm/blocks/layers/attn/q_proj/kernel"
+    layer: int | None  # its index on a scanned stack's leading layer axis; None when looped
+    layout: str | None  # a key of `layers.LAYOUT`: how ours becomes PyTorch's (a transpose)
+
+
+def export_tensors(model_cfg: BLSPKDConfig, paths: Collection[str]) -> list[ExportTensor]:
+    """Every tensor `params_to_hf` writes, in name order, each located in a flat parameter tree
+    with keys `paths` ("a/b/c"; stacks scanned or looped alike). Nothing is read, so an export
+    can fetch one tensor at a time from parameters sharded over many hosts.
+
+    Raises ExportError naming a parameter the config needs that `paths` lacks.
+    """
+    base = dataclasses.replace(model_cfg.llm, scan_layers=False)
+    rows = [  # (exported name, our looped path, layout, required)
+        *(
+            (f"encoder.{h}", "encoder/" + "/".join(p), t, True)
+            for h, p, t in encoder_lib._hf_rows(model_cfg.encoder)
+        ),
+        *(
+            (f"adapter.{n}", "adapter/" + "/".join(p), t, True)
+            for n, p, t in _adapter_rows(model_cfg.adapter)
+        ),
+        # llm.params_to_hf writes the rows the params have (no lm_head when it is tied).
+        *(
+            (f"llm.{h}", f"llm/{ours}", "linear" if t else None, False)
+            for h, ours, t in llm_lib._hf_rows(base)
+        ),
+        *((f"llm_lora.{n}", f"llm/{p}", "linear", True) for n, p in _lora_rows(model_cfg.llm)),
+    ]
+    paths = set(paths)
+    out = []
+    for name, looped, layout, required in rows:
+        if looped in paths:
+            out.append(ExportTensor(name, looped, None, layout))
+            continue
+        m = _LAYER_KEY.search(looped)
+        scanned = m and f"{looped[: m.start()]}/layers/{looped[m.end() :]}"
+        if scanned in paths:
+            out.append(ExportTensor(name, scanned, int(m.group(1)), layout))
+        elif required:
+            raise ExportError(f"params: {looped} (exported as {name}) is missing")
+    return sorted(out, key=lambda t: t.name)
+
+
+_LAYER_KEY = re.compile(r"/layers_(\d+)/")
 
 
 def params_from_hf(model_cfg: BLSPKDConfig, state_dict: Mapping[str, Any]) -> dict:
@@ -335,7 +389,7 @@ def config_from_hf(cfg: Mapping[str, Any], **runtime) -> BLSPKDConfig:
 
 def is_exported(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory this module wrote (config.json with model_type blspkd)."""
-    cfg = Path(path) / "config.json"
+    cfg = epath.Path(path) / "config.json"
     try:
         return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == MODEL_TYPE
     except (OSError, json.JSONDecodeError):
