@@ -4,6 +4,7 @@ count against explicit formulas, the plan against the trainer's own state on a C
 command on real TPU topologies through libtpu (installed by `make test` into .venv/libtpu)."""
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -121,6 +122,11 @@ def test_topology_names_are_checked_before_anything_compiles():
         plan.topology("v9x:2x2")
     with pytest.raises(plan.ConfigError, match=r"--compile-only cpu:99: expected cpu:N with"):
         plan.topology("cpu:99")
+    # The suite's own venv keeps libtpu off the path (make test installs it beside, in
+    # .venv/libtpu): there a TPU topology asks for the extra.
+    if importlib.util.find_spec("libtpu") is None:
+        with pytest.raises(plan.ConfigError, match=r"libtpu\) is not installed: pip install"):
+            plan.topology("v5p:2x2x1")
 
 
 def test_the_tpu_extra_pins_the_libtpu_jax_asks_for():

@@ -255,6 +255,8 @@ class Plan:
     trainable_params: int
     frozen_params: int
     state_bytes: int  # global, all devices together
+    param_bytes: int  # global: the trained and frozen parameters, without optimizer state
+    tensor: int  # mesh.tensor: weights are split over it, gathered over the others
     memory: dict[str, int]  # per device: argument, output, alias, temp, code, total
     compile_error: str  # "" when the compiler accepted the program
     flops_per_step: float  # global, executed (remat recompute included)
@@ -269,24 +271,30 @@ class Plan:
         return not self.compile_error and self.per_device_bytes <= self.topology.hbm_bytes
 
     def step_seconds_bound(self) -> float:
-        """The least time a step can take on this slice: its FLOPs at every device's peak, or
-        reading the state once and writing it back, whichever is longer (0: peak unknown)."""
+        """The least time a step can take on this slice (0: the peak is unknown): its executed
+        FLOPs at every device's peak, or the least HBM traffic a device has, whichever is longer.
+        That traffic is the larger of reading its arguments and writing its outputs, and reading
+        every weight it multiplies with once (FSDP gathers all of them, split only over tensor)."""
         t = self.topology
         if not t.peak_flops:
             return 0.0
         compute = self.flops_per_step / (len(t.devices) * t.peak_flops)
         m = self.memory
-        state = m.get("argument", 0) + m.get("output", 0) - m.get("alias", 0)
-        traffic = state / t.hbm_bytes_per_s if t.hbm_bytes_per_s else 0.0
-        return max(compute, traffic)
+        own = m.get("argument", 0) + m.get("output", 0)
+        traffic = max(own, self.param_bytes / self.tensor)
+        return max(compute, traffic / t.hbm_bytes_per_s if t.hbm_bytes_per_s else 0.0)
 
     @property
     def mfu_bound(self) -> float:
-        """Model FLOPs over the slice's peak for the least step time: at most executed/model
-        FLOPs's inverse (rematerialised FLOPs are work MFU does not count)."""
+        """The best MFU this step can reach here: model FLOPs (no rematerialisation) over the
+        slice's peak FLOPs in the least step time. Below 1 by the recomputed FLOPs at least."""
         t = self.step_seconds_bound()
         n = len(self.topology.devices)
         return self.model_flops_per_step / (t * n * self.topology.peak_flops) if t else 0.0
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -409,7 +417,9 @@ def make_plan(
         replicas=s.mesh.shape["data"] * s.mesh.shape["fsdp"],
         trainable_params=optim.count_params(s.state.trainable),
         frozen_params=optim.count_params(s.state.frozen),
-        state_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.state)),
+        state_bytes=_bytes(s.state),
+        param_bytes=_bytes((s.state.trainable, s.state.frozen)),
+        tensor=s.mesh.shape["tensor"],
         memory=memory,
         compile_error=error,
         flops_per_step=flops,
