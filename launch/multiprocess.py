@@ -5,9 +5,10 @@
 
 Each process gets BLSPKD_COORDINATOR / BLSPKD_NUM_PROCESSES / BLSPKD_PROCESS_ID (read by
 `blspkd_jax.training.distributed.initialize`) and, on CPU, its own virtual devices. Process 0's
-output is shown here as it runs and kept in WORKDIR/process0.log; process p logs to
-WORKDIR/process{p}.log. The launcher exits non-zero if any process fails, and stops the others
-when one dies.
+output is shown here as it runs and kept in LOGS/process0.log; process p logs to
+LOGS/process{p}.log, where LOGS is --log-dir (default: the workdir, or ./process-logs when the
+workdir is a URL such as gs://bucket/run). The launcher exits non-zero if any process fails,
+and stops the others when one dies.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def main(argv=None) -> int:
     ap.add_argument("--num-processes", type=int, default=2)
     ap.add_argument("--devices-per-process", type=int, default=1, help="CPU virtual devices")
     ap.add_argument("--module", default="blspkd_jax.train")
+    ap.add_argument("--log-dir", type=Path, help="process logs (default: the workdir)")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
     a = ap.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
-    workdir = Path(args[args.index("--workdir") + 1]) if "--workdir" in args else Path(".")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = args[args.index("--workdir") + 1] if "--workdir" in args else "."
+    logs = a.log_dir or Path("process-logs" if "://" in workdir else workdir)
+    logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
     for p in range(a.num_processes):
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
             "BLSPKD_PROCESS_ID": str(p),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={a.devices_per_process}",
         }
-        log = open(workdir / f"process{p}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(logs / f"process{p}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", a.module, *args],
             env=env,
@@ -72,10 +75,10 @@ def main(argv=None) -> int:
             tee = threading.Thread(target=_tee, args=(proc.stdout, log), daemon=True)
             tee.start()
         procs.append((proc, log))
-    others = ", ".join(str(workdir / f"process{p}.log") for p in range(1, a.num_processes))
+    others = ", ".join(str(logs / f"process{p}.log") for p in range(1, a.num_processes))
     print(
         f"{a.num_processes} processes started; process 0's output follows (also in "
-        f"{workdir / 'process0.log'}), the others log to {others or '-'}",
+        f"{logs / 'process0.log'}), the others log to {others or '-'}",
         file=sys.stderr,
         flush=True,
     )
@@ -107,9 +110,7 @@ def main(argv=None) -> int:
         log.close()
     for i, c in enumerate(codes):
         if c:
-            print(
-                f"process {i} exited with {c}; see {workdir / f'process{i}.log'}", file=sys.stderr
-            )
+            print(f"process {i} exited with {c}; see {logs / f'process{i}.log'}", file=sys.stderr)
     return max(abs(c) for c in codes)
 
 

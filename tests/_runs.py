@@ -65,13 +65,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, log: Path, env_extra=None, prefix=()) -> subprocess.Popen:
-    """One training process, its output to `log` (a file: a pipe nobody reads would fill up).
-    `prefix` replaces `-m blspkd_jax.train` by a wrapper that runs it."""
+def start(args, log: Path, env_extra=None, cwd=REPO) -> subprocess.Popen:
+    """One `python -m blspkd_jax.train` process, its output to `log` (a file: a pipe nobody reads
+    would fill up)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    cmd = [sys.executable, *(prefix or ("-m", "blspkd_jax.train")), *args]
+    cmd = [sys.executable, "-m", "blspkd_jax.train", *args]
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def start_processes(args, logs: list[Path], devices_per_process: int = 1):

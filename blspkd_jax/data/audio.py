@@ -2,7 +2,8 @@
 
 Any format libsndfile reads (WAV, FLAC, OGG, MP3, ...) via soundfile (docs/method.md §6). Channels
 are averaged to mono and any sample rate is resampled as `librosa.load(path, sr=16000)` does (soxr,
-high quality), to the same samples."""
+high quality), to the same samples. A recording may be a URL (`gs://...`): soundfile then reads
+it through a file object from `storage`, fetching only the bytes it asks for."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 import numpy as np
 import soundfile as sf
 import soxr
+
+from blspkd_jax.data import storage
 
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # Whisper's STFT hop: 100 mel frames per second
@@ -75,17 +78,21 @@ def _segment(total: int, sample_rate: int, offset: float, duration: float | None
 def probe(path: str | os.PathLike, offset: float = 0.0, duration: float | None = None) -> AudioInfo:
     """Header-only look at a file: rate, channels and segment length. Cheap (no decoding)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise AudioError(f"audio file not found: {path}")
     try:
-        info = sf.info(path)
+        if storage.is_url(path):
+            with storage.open(path, "rb") as f, sf.SoundFile(f) as s:
+                rate, total, channels = int(s.samplerate), int(s.frames), int(s.channels)
+        else:
+            info = sf.info(path)
+            rate, total, channels = int(info.samplerate), int(info.frames), int(info.channels)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"cannot decode audio {path}: {_first_line(e)}") from None
-    rate, total = int(info.samplerate), int(info.frames)
     if rate <= 0:
         raise AudioError(f"cannot decode audio {path}: sample rate {rate}")
     _, frames = _segment(total, rate, offset, duration, path)
-    return AudioInfo(sample_rate=rate, channels=int(info.channels), num_samples=frames)
+    return AudioInfo(sample_rate=rate, channels=channels, num_samples=frames)
 
 
 def read(
@@ -106,10 +113,12 @@ def read(
         raise AudioError(f"audio is empty (0 samples): {path}")
     start = int(round(offset * info.sample_rate))
     try:
-        with sf.SoundFile(path) as f:
-            if start:
-                f.seek(start)
-            x = f.read(info.num_samples, dtype="float32", always_2d=True)
+        if storage.is_url(path):
+            with storage.open(path, "rb") as raw, sf.SoundFile(raw) as f:
+                x = _read_frames(f, start, info.num_samples)
+        else:
+            with sf.SoundFile(path) as f:
+                x = _read_frames(f, start, info.num_samples)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"cannot decode audio {path}: {_first_line(e)}") from None
     if x.shape[0] < info.num_samples:
@@ -120,6 +129,12 @@ def read(
     if not np.isfinite(x).all():
         raise AudioError(f"audio contains NaN or infinite samples: {path}")
     return x, info.sample_rate
+
+
+def _read_frames(f: sf.SoundFile, start: int, frames: int) -> np.ndarray:
+    if start:
+        f.seek(start)
+    return f.read(frames, dtype="float32", always_2d=True)
 
 
 def load(

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data import storage
 from blspkd_jax.data.layout import text_ids
 from blspkd_jax.data.manifest import MAX_SECONDS, MAX_TEXT_TOKENS, MIN_SECONDS, BadRow, Row
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_text_tokens is not None and args.tokenizer is None:
         ap.error("--max-text-tokens counts tokens: it needs --tokenizer LLM_DIR")
-    if not os.path.isfile(args.manifest):
+    if not storage.isfile(args.manifest):
         print(f"{args.manifest}: manifest not found", file=sys.stderr)
         return 1
     rows = sum(1 for _ in manifest_lib.iter_lines(args.manifest))

@@ -2,7 +2,8 @@
 
 A row is `{"audio": path, "text": transcript}` plus optional `"response"`, `"instruction"`, `"id"`,
 and `"offset"`/`"duration"` (seconds) to cut a segment from a long recording. Relative audio paths
-are relative to the manifest's folder. Blank lines are ignored; line numbers count them (1-based),
+are relative to the manifest's folder. Manifests and recordings may be local or URLs (`gs://...`,
+see `storage`). Blank lines are ignored; line numbers count them (1-based),
 so `MANIFEST:LINE` points at the line an editor shows.
 """
 
@@ -13,6 +14,8 @@ import json
 import math
 import os
 from collections.abc import Iterator
+
+from blspkd_jax.data import storage
 
 REQUIRED = ("audio", "text")
 
@@ -46,8 +49,11 @@ class Row:
     def audio_from(self, folder: str | os.PathLike) -> str:
         """The audio path to write in a manifest in `folder`: absolute if the row's was, else
         relative to `folder`, so that it still resolves there."""
-        if os.path.isabs(os.path.expanduser(self.fields.get("audio", ""))):
+        given = self.fields.get("audio", "")
+        if storage.is_url(given) or os.path.isabs(os.path.expanduser(given)):
             return self.audio
+        if storage.is_url(self.audio) or storage.is_url(folder):
+            return self.audio  # no relative path between local disk and a bucket
         return os.path.relpath(self.audio, os.path.abspath(folder))
 
 
@@ -101,7 +107,7 @@ def parse_line(text: str, line: int, base_dir: str) -> Row:
         raise ValueError(f"'offset' must be >= 0 seconds, got {offset:g}")
     if duration is not None and duration <= 0:
         raise ValueError(f"'duration' must be > 0 seconds, got {duration:g}")
-    audio = os.path.normpath(os.path.join(base_dir, os.path.expanduser(obj["audio"])))
+    audio = storage.join(base_dir, obj["audio"])
     row_id = obj.get("id")
     if row_id is None:  # default id: the audio as written, plus the segment start if any
         row_id = obj["audio"] + (f"@{offset:g}" if "offset" in obj else "")
@@ -129,7 +135,7 @@ def _seconds(obj: dict, key: str, default):
 
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset, text) for every non-blank line; offsets let workers re-read it."""
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         offset = 0
         for number, raw in enumerate(f, start=1):
             text = raw.decode("utf-8", errors="replace")
@@ -140,7 +146,7 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, str]]:
 
 def read_line_at(path: str | os.PathLike, offset: int) -> str:
     """The manifest line starting at byte `offset` (what `iter_lines` reported)."""
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         f.seek(offset)
         return f.readline().decode("utf-8", errors="replace")
 
@@ -148,9 +154,9 @@ def read_line_at(path: str | os.PathLike, offset: int) -> str:
 def read_manifest(path: str | os.PathLike) -> tuple[list[Row], list[BadRow]]:
     """All rows of a manifest that parse, and the ones that don't (malformed JSON, missing key)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.parent(path)
     rows, bad = [], []
     for number, _, text in iter_lines(path):
         try:
@@ -171,8 +177,12 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
 
 def write_jsonl(path: str | os.PathLike, records) -> None:
     """One JSON object a line, written to a temporary file and renamed into place, so a reader
-    never sees half a file."""
+    never sees half a file (an object store's upload is whole or absent by itself)."""
     path = os.fspath(path)
+    if storage.is_url(path):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        storage.as_path(path).write_text(text)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for r in records:

@@ -23,7 +23,6 @@ With `strict=True` the first bad row raises `DataError("MANIFEST:LINE: reason")`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -36,9 +35,11 @@ import numpy as np
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data import storage
 from blspkd_jax.data.features import log_mel
 from blspkd_jax.data.layout import DEFAULT_SYSTEM, ChatLayout, make_batch
 from blspkd_jax.data.manifest import BadRow, DataError
+from blspkd_jax.data.plan import Plan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Index:
     """Usable rows of one manifest, as flat arrays (cheap to pickle into every worker)."""
 
     manifest: str
+    source: str  # the file workers re-read lines from: the manifest, or a local copy of a URL's
     lines: np.ndarray  # int64 [R]: 1-based manifest line
     offsets: np.ndarray  # int64 [R]: byte offset of the line, for workers to re-read it
     sample_rates: np.ndarray  # int64 [R]: the file's rate
@@ -174,11 +176,12 @@ def build_index(
     bad row (by line).
     """
     manifest = os.fspath(manifest)
-    if not os.path.isfile(manifest):
+    if not storage.isfile(manifest):
         raise FileNotFoundError(f"data manifest not found: {manifest}")
-    base = os.path.dirname(os.path.abspath(manifest))
+    base = storage.parent(manifest)
+    source = storage.local_copy(manifest)  # workers re-read single lines: one download, not many
     rows, offsets, bad = [], [], []
-    for number, offset, text in manifest_lib.iter_lines(manifest):
+    for number, offset, text in manifest_lib.iter_lines(source):
         try:
             row = manifest_lib.parse_line(text, number, base)
             manifest_lib.check_text(row, None, None)
@@ -229,6 +232,7 @@ def build_index(
     infos = [info for _, info in keep]
     index = Index(
         manifest=manifest,
+        source=source,
         lines=np.array([rows[i].line for i in idx], np.int64),
         offsets=np.array([offsets[i] for i in idx], np.int64),
         sample_rates=np.array([x.sample_rate for x in infos], np.int64),
@@ -237,68 +241,6 @@ def build_index(
         lengths=np.asarray(lengths[idx], np.int64),
     )
     return index, bad
-
-
-# ----------------------------------------------------------------------------------------------
-# Plan: which rows make up global batch k. A pure function of (seed, epoch, index).
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Bucketed global batches. `buckets[r]` is row r's bucket id; bucket id = f * len(token
-    buckets) + t for frame bucket f and token bucket t."""
-
-    buckets: np.ndarray  # int64 [R]
-    frame_buckets: tuple[int, ...]
-    token_buckets: tuple[int, ...]
-    global_batch: int
-    seed: int
-    shuffle: bool
-
-    @functools.cached_property
-    def batches_per_epoch(self) -> int:
-        counts = np.bincount(self.buckets, minlength=self.num_buckets)
-        return int(sum(-(-c // self.global_batch) for c in counts))
-
-    @property
-    def num_buckets(self) -> int:
-        return len(self.frame_buckets) * len(self.token_buckets)
-
-    def shape(self, bucket: int) -> tuple[int, int]:
-        """(F, L) of a bucket."""
-        f, t = divmod(int(bucket), len(self.token_buckets))
-        return self.frame_buckets[f], self.token_buckets[t]
-
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows [n, global_batch] with -1 for padding, bucket [n]) for one epoch."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.buckets)) if self.shuffle else np.arange(len(self.buckets))
-        rows, ids = [], []
-        for b in range(self.num_buckets):
-            members = order[self.buckets[order] == b]  # keeps the shuffled order
-            for s in range(0, len(members), self.global_batch):
-                chunk = members[s : s + self.global_batch]
-                rows.append(np.pad(chunk, (0, self.global_batch - len(chunk)), constant_values=-1))
-                ids.append(b)
-        rows = np.stack(rows) if rows else np.zeros((0, self.global_batch), np.int64)
-        ids = np.asarray(ids, np.int64)
-        if self.shuffle:
-            perm = rng.permutation(len(ids))
-            rows, ids = rows[perm], ids[perm]
-        return rows, ids
-
-
-def make_plan(index: Index, config: DataConfig, global_batch: int, shuffle: bool) -> Plan:
-    f = np.searchsorted(np.asarray(config.frame_buckets), index.frames, side="left")
-    t = np.searchsorted(np.asarray(config.token_buckets), index.lengths, side="left")
-    return Plan(
-        buckets=(f * len(config.token_buckets) + t).astype(np.int64),
-        frame_buckets=tuple(config.frame_buckets),
-        token_buckets=tuple(config.token_buckets),
-        global_batch=global_batch,
-        seed=config.seed,
-        shuffle=shuffle,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +314,9 @@ class LoadBatch(grain.transforms.Map):
     def _example(self, r: int, skipped: list) -> dict | None:
         ix = self.index
         row = manifest_lib.parse_line(
-            manifest_lib.read_line_at(ix.manifest, int(ix.offsets[r])),
+            manifest_lib.read_line_at(ix.source, int(ix.offsets[r])),
             int(ix.lines[r]),
-            os.path.dirname(os.path.abspath(ix.manifest)),
+            storage.parent(ix.manifest),
         )
         info = audio_lib.AudioInfo(int(ix.sample_rates[r]), 0, int(ix.num_samples[r]))
         try:
@@ -580,22 +522,16 @@ class DataPipeline:
         if not bad or path is None:
             return
         if self._logged is None:  # first call: what earlier runs already logged
-            self._logged = set()
-            if os.path.exists(path):
-                with open(path) as f:
-                    for text in f:
-                        try:
-                            d = json.loads(text)
-                            self._logged.add((d["manifest"], d["line"], d["reason"]))
-                        except (ValueError, KeyError, TypeError):
-                            continue
-        new = [b for b in bad if (b.manifest, b.line, b.reason) not in self._logged]
-        if not new:
-            return
-        os.makedirs(self.workdir, exist_ok=True)
-        with open(path, "a") as f:
-            for b in new:
-                f.write(json.dumps(b.to_json()) + "\n")
+            self._log, self._logged = storage.LineLog(path, upload_seconds=0), set()
+            for text in self._log.read_lines():
+                try:
+                    d = json.loads(text)
+                    self._logged.add((d["manifest"], d["line"], d["reason"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        for b in bad:
+            if (b.manifest, b.line, b.reason) not in self._logged:
+                self._log.write(json.dumps(b.to_json()))
                 self._logged.add((b.manifest, b.line, b.reason))
 
 

@@ -15,6 +15,7 @@ import re
 
 import ml_collections
 
+from blspkd_jax.data import storage
 from blspkd_jax.data.pipeline import DataConfig
 from blspkd_jax.models import hf
 from blspkd_jax.models.adapter import CFormerConfig
@@ -205,7 +206,7 @@ def check_config(config: ml_collections.ConfigDict, model_cfg: BLSPKDConfig) -> 
                 "data.train_manifest is empty: set --config.data.train_manifest=PATH (a JSON "
                 "Lines manifest, see python -m blspkd_jax.data.check)"
             )
-        if path and not os.path.isfile(path):
+        if path and not storage.isfile(path):  # a local path or a URL (gs://...)
             raise ConfigError(f"{key}={path}: file not found")
     tokenizer_path(config)
     for key in ("model.encoder.hf_path", "model.llm.hf_path", "model.llm.tokenizer_path"):

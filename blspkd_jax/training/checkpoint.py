@@ -5,18 +5,23 @@ Only what training changes is saved (step, trainable parameters, optimizer state
 Whisper and LLM weights are rebuilt from the config (`hf_path`, or the seed for random init), so a
 checkpoint of a 7B-LLM run holds megabytes of adapter and PLoRA, not the LLM. orbax writes each
 step into a temporary folder and renames it when complete, so a process killed mid-save leaves the
-previous checkpoint intact and loadable.
+previous checkpoint intact and loadable (on an object store, where nothing renames, a step counts
+once its commit marker is written).
+
+The workdir may be a URL (`gs://bucket/run`): orbax takes epath paths and writes arrays through
+tensorstore's own GCS driver, so every process writes its shards to the same place.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from blspkd_jax.data import storage
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
@@ -24,7 +29,7 @@ def manager(workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
-    path = Path(workdir).absolute() / "checkpoints"
+    path = storage.as_path(workdir) / "checkpoints"
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
@@ -87,9 +92,9 @@ def restore_trainable(mngr, step: int, shardings: Mapping[str, jax.sharding.Name
 
 
 def steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps with a complete checkpoint under `workdir/checkpoints` (orbax renames a step's folder
-    into place only once it is fully written, so a bare integer name is a finished save)."""
-    root = Path(workdir) / "checkpoints"
+    """Steps with a complete checkpoint under `workdir/checkpoints`, as orbax judges them (a step
+    folder renamed into place, or on an object store one with its commit marker)."""
+    root = storage.as_path(workdir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(ocp.step.checkpoint_steps(root))

