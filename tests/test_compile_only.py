@@ -259,3 +259,23 @@ RUNTIME_FIELDS = (
     "lora_dropout",
     "lora_targets",
 )
+
+
+def test_matmul_flops_counts_a_shard_map_body_on_every_device():
+    # The body's shapes are one device's shard; 4 devices together do the global product (an
+    # abstract 2 x 2 mesh is enough to trace it).
+    mesh = jax.sharding.AbstractMesh((2, 2), ("data", "fsdp"))
+    rows = jax.sharding.PartitionSpec(("data", "fsdp"))
+
+    def f(x, w):
+        g = jax.shard_map(
+            lambda x, w: x @ w,
+            mesh=mesh,
+            in_specs=(rows, jax.sharding.PartitionSpec()),
+            out_specs=rows,
+            check_vma=False,
+        )
+        return g(x, w).sum()
+
+    jaxpr = jax.make_jaxpr(f)(jnp.zeros((8, 16)), jnp.zeros((16, 32)))
+    assert plan.matmul_flops(jaxpr) == 2 * 8 * 16 * 32

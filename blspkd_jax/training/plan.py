@@ -211,9 +211,10 @@ def _conv_flops(eqn) -> float:
 
 
 def matmul_flops(jaxpr) -> float:
-    """FLOPs of every dot_general and convolution in a (closed) jaxpr, scans counted `length`
-    times, the larger branch of a cond, other sub-jaxprs (jit, remat, custom_vjp) once. A while
-    loop's trip count is unknown: its body counts once (the step has none)."""
+    """FLOPs of every dot_general and convolution in a (closed) jaxpr: a scan's body `length`
+    times, a shard_map's once per device it runs on, the larger branch of a cond, other
+    sub-jaxprs (jit, remat, custom_vjp) once. A while loop's trip count is unknown: its body counts
+    once (the step has none)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -226,9 +227,20 @@ def matmul_flops(jaxpr) -> float:
             total += max(matmul_flops(b) for b in eqn.params["branches"])
         else:
             subs = [matmul_flops(p) for p in eqn.params.values() if _is_jaxpr(p)]
-            times = eqn.params.get("length", 1) if name == "scan" else 1
-            total += times * sum(subs)
+            total += _repeats(eqn) * sum(subs)
     return total
+
+
+def _repeats(eqn) -> int:
+    """How many times a sub-jaxpr runs: a scan's length; a shard_map's body once per device of
+    its manual axes (its shapes are one device's shard); anything else once."""
+    p = eqn.params
+    if eqn.primitive.name == "scan":
+        return p["length"]
+    if eqn.primitive.name == "shard_map":
+        axes = p.get("newly_manual_axes", p.get("manual_axes", p["mesh"].axis_names))
+        return math.prod(p["mesh"].shape[a] for a in axes)
+    return 1
 
 
 def _is_jaxpr(x) -> bool:
