@@ -188,6 +188,7 @@ def test_mistakes_are_one_line_naming_the_key(assets, tmp_path):
         ("--config.optim.learning_rat=1e-3", "'optim.learning_rate'"),
         ("--config.batch_size=-4", "batch_size=-4"),
         ("--config.data.train_manifest=", "data.train_manifest is empty"),
+        ("--config.data.eval_manifest=nope://b/e.jsonl", "unsupported storage scheme nope://"),
     ):
         p = _train(_args(assets, tmp_path / "w", extra))
         out, _ = p.communicate(timeout=120)

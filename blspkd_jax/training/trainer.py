@@ -247,6 +247,17 @@ class Trainer:
         self.config = config
         # A string (a local path as given, or a URL): pathlib would turn gs://b/r into ./gs:/b/r.
         self.workdir = os.fspath(workdir).rstrip("/") or "/"
+        d = config.data
+        for key, path in (
+            ("--workdir", self.workdir),
+            ("data.train_manifest", d.train_manifest),
+            ("data.eval_manifest", d.eval_manifest),
+        ):
+            if storage.is_url(path):
+                try:
+                    storage.as_path(path)
+                except ValueError as e:  # a scheme epath cannot open
+                    raise config_lib.ConfigError(f"{key}: {e}") from None
         storage.makedirs(self.workdir)
         self.is_main = jax.process_index() == 0
         # Everything the config decides is checked here, before any weight is read or any
