@@ -99,6 +99,10 @@ def topology(name: str, peak_tflops_per_device: float = 0.0) -> Topology:
         )
     from jax.experimental import topologies
 
+    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips; a
+    # compile-only process drives none, so a second plan (or a run on this TPU VM) must not
+    # stop it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(topology_name=name, platform="tpu")
     except RuntimeError as e:
