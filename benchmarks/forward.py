@@ -6,6 +6,14 @@ Times are the median of several runs after warmup, JAX and torch runs interleave
 noise hits both alike; JAX's jit compile time is reported separately. fp32, batch 1.
 
     .venv/bin/python benchmarks/forward.py [--quick] [--repeats N] [--threads N]
+    .venv/bin/python benchmarks/forward.py --memory [--quick]
+
+`--memory` instead compiles (without running) the forward of a Whisper-large encoder and the
+forward and backward of a Qwen2.5-0.5B-shaped LLM in bf16, with the attention as it was before
+`jax.nn.dot_product_attention` (float32 scores `[B, heads, T, S]` materialised, written out
+below), with XLA's `jax.nn.dot_product_attention` path in one block, and with ours (blocks of
+`layers.ATTENTION_QUERY_BLOCK` queries), and prints XLA's temporary bytes
+(`compiled.memory_analysis()`).
 
 `--threads N` pins the process to N cores (XLA sizes its thread pool from the affinity mask) and
 gives torch N threads; by default both use every core. On a machine shared with other jobs, torch's
@@ -28,6 +36,7 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 7, quick 2)")
     ap.add_argument("--threads", type=int, default=None, help="cores for both (default: all)")
     ap.add_argument("--only", choices=["encoder", "llm"], default=None)
+    ap.add_argument("--memory", action="store_true", help="compiled temporary memory, no timing")
     return ap.parse_args()
 
 
@@ -39,13 +48,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig  # noqa: E402
 from transformers.models.whisper.modeling_whisper import WhisperEncoder  # noqa: E402
 
-from blspkd_jax.models import hf  # noqa: E402
+from blspkd_jax.models import encoder, hf, layers, llm  # noqa: E402
 
 ENCODER = dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048)
 ENCODER_QUICK = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
@@ -161,7 +171,160 @@ def llm_row(quick: bool, repeats: int, tmp: str) -> dict:
     )
 
 
+# --memory: paper-scale shapes, compiled for this machine's backend, never run.
+MEM_ENCODER = dict(
+    d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120
+)
+MEM_LLM = dict(  # Qwen2.5-0.5B: at 7B the weights' own temporaries hide the attention's
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    qkv_bias=True,
+    rope_theta=1e6,
+    tie_word_embeddings=True,
+)
+MEM_QUICK_LLM = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=2,
+)
+
+
+def dense_attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None):
+    """The attention before `jax.nn.dot_product_attention`: float32 scores [B, K, G, T, S] in one
+    piece, a finite fill for masked keys, softmax, then the weighted sum (same signature as
+    `layers.attention`, so it can stand in for it)."""
+    del causal, query_block
+    B, T, N, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, Dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = s * (Dh**-0.5 if scale is None else scale)
+    if mask is not None:  # [B, 1, T or 1, S]
+        s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, N, Dh)
+
+
+def temp_mib(fn, *args) -> float:
+    # A fresh function each time: jit caches traces by function, and the attention swap below
+    # happens at trace time.
+    mem = jax.jit(lambda *a: fn(*a)).lower(*args).compile().memory_analysis()
+    return mem.temp_size_in_bytes / 2**20
+
+
+def memory_rows(quick: bool) -> list[dict]:
+    """Temporary memory of each compiled program with the old attention and with ours."""
+    bf16 = jnp.bfloat16
+    sizes = ENCODER_QUICK if quick else MEM_ENCODER
+    positions, batch = (100, 2) if quick else (1500, 24)
+    enc_cfg = encoder.WhisperEncoderConfig(
+        max_source_positions=positions, dtype=bf16, param_dtype=bf16, scan_layers=True, **sizes
+    )
+    enc = encoder.WhisperEncoder(enc_cfg)
+    mels = jax.ShapeDtypeStruct((batch, 80, 2 * positions), jnp.float32)
+    enc_params = jax.eval_shape(lambda x: enc.init(jax.random.key(0), x)["params"], mels)
+    enc_fwd = lambda p, x: enc.apply({"params": p}, x)  # noqa: E731
+
+    length, lbatch = (128, 2) if quick else (2048, 4)
+    llm_cfg = llm.LLMConfig(
+        **(MEM_QUICK_LLM if quick else MEM_LLM),
+        dtype=bf16,
+        param_dtype=bf16,
+        scan_layers=True,
+        remat="full",
+    )
+    lm = llm.LLM(llm_cfg)
+    embeds = jax.ShapeDtypeStruct((lbatch, length, llm_cfg.hidden_size), bf16)
+    mask = jax.ShapeDtypeStruct((lbatch, length), jnp.bool_)
+    lm_params = jax.eval_shape(
+        lambda: lm.init(jax.random.key(0), inputs_embeds=jnp.zeros(embeds.shape, bf16))["params"]
+    )
+
+    def lm_hidden(p, x, m):
+        return lm.apply({"params": p}, inputs_embeds=x, attention_mask=m, return_hidden=True)
+
+    def lm_grad(p, x, m):  # backward through every layer to the input (the student's path)
+        return jax.grad(lambda x: jnp.sum(lm_hidden(p, x, m).astype(jnp.float32) ** 2))(x)
+
+    programs = [
+        (
+            f"Whisper encoder d={sizes['d_model']} L={sizes['encoder_layers']}, forward",
+            f"[{batch}, 80, {2 * positions}] mel",
+            batch * sizes["encoder_attention_heads"] * positions**2 * 4,
+            enc_fwd,
+            (enc_params, mels),
+        ),
+        (
+            f"LLM H={llm_cfg.hidden_size} L={llm_cfg.num_layers} (GQA {llm_cfg.num_heads}/"
+            f"{llm_cfg.num_kv_heads}), forward",
+            f"[{lbatch}, {length}] embeddings",
+            lbatch * llm_cfg.num_heads * length**2 * 4,
+            lm_hidden,
+            (lm_params, embeds, mask),
+        ),
+        (
+            f"same LLM, forward + backward (remat {llm_cfg.remat})",
+            f"[{lbatch}, {length}] embeddings",
+            lbatch * llm_cfg.num_heads * length**2 * 4,
+            lm_grad,
+            (lm_params, embeds, mask),
+        ),
+    ]
+    rows = []
+    for name, shape, scores, fn, args in programs:
+        ours = temp_mib(fn, *args)
+        block = layers.ATTENTION_QUERY_BLOCK
+        encoder.attention, llm.attention = dense_attention, dense_attention
+        try:
+            before = temp_mib(fn, *args)
+            encoder.attention = llm.attention = layers.attention
+            layers.ATTENTION_QUERY_BLOCK = 1 << 30  # one block: XLA's path as jax gives it
+            unblocked = temp_mib(fn, *args)
+        finally:
+            encoder.attention = llm.attention = layers.attention
+            layers.ATTENTION_QUERY_BLOCK = block
+        rows.append(
+            dict(
+                model=name,
+                input=shape,
+                scores=scores / 2**20,
+                before=before,
+                unblocked=unblocked,
+                ours=ours,
+            )
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def memory_main(args):
+    rows = memory_rows(args.quick)
+    print(
+        f"\njax {jax.__version__} ({jax.devices()[0].platform}), bf16 weights and compute; XLA's "
+        f"temporary bytes of the compiled program (query block {layers.ATTENTION_QUERY_BLOCK}).\n"
+    )
+    print(
+        "| program | input | fp32 scores of one layer (MiB) | before (MiB) "
+        "| dot_product_attention unblocked (MiB) | ours (MiB) | ours / before |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['input']} | {r['scores']:.0f} | {r['before']:.0f} "
+            f"| {r['unblocked']:.0f} | {r['ours']:.0f} | {r['ours'] / r['before']:.2f} |"
+        )
+
+
 def main(args):
+    if args.memory:
+        return memory_main(args)
     repeats = args.repeats or (2 if args.quick else 7)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 

@@ -8,18 +8,51 @@ call per term vs all terms in one pass (`kd_kl` with weight columns, `kd_kl_and_
 
     .venv/bin/python benchmarks/kd_kl.py            # V=151936, H=896, M=4x512 (Qwen2.5-0.5B head)
     .venv/bin/python benchmarks/kd_kl.py --quick    # small shapes, seconds
+    .venv/bin/python benchmarks/kd_kl.py --devices 8 [--quick]
+
+`--devices N` instead runs the KL + cross-entropy value-and-grad on N virtual CPU devices
+(mesh fsdp=N, rows and the head's H split over it) twice: tiles over the global rows (no mesh in
+context: what the loss did before it tiled per device) and tiles over each device's rows (under
+`jax.set_mesh`, as the trainer traces its step). It reports, per device, the tile loop's trip
+count (each trip reads the whole [H, V] head), all-gathers inside the loop, temporary memory and
+time, and checks that both give the same loss and gradient.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 
-from blspkd_jax.training.losses import (
+def _devices_flag() -> int:
+    for i, a in enumerate(sys.argv):
+        if a == "--devices" and i + 1 < len(sys.argv):
+            return int(sys.argv[i + 1])
+        if a.startswith("--devices="):
+            return int(a.split("=", 1)[1])
+    return 0
+
+
+# Virtual CPU devices must be asked for before jax is imported.
+if __name__ == "__main__" and _devices_flag() > 1:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={_devices_flag()}"
+    )
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from blspkd_jax.models.sharding import make_mesh  # noqa: E402
+from blspkd_jax.training.losses import (  # noqa: E402
     default_tile_rows,
     kd_kl,
     kd_kl_and_cross_entropy,
@@ -85,7 +118,10 @@ def main():
     parser.add_argument(
         "--pass-tile", type=int, help="tile_rows for the several-terms table (default: library's)"
     )
+    parser.add_argument("--devices", type=int, default=0, help="per-device tiles on N CPU devices")
     args = parser.parse_args()
+    if args.devices > 1:
+        return per_device(args)
 
     m = args.rows or (512 if args.quick else 2048)
     v = args.vocab or (16384 if args.quick else 151936)
@@ -203,6 +239,88 @@ def several_terms(inputs, temperature, tile, repeats):
                 f"| {terms} | {calls} | {temp / 2**20:.1f} | {sec:.3f} | {sec / sec_a:.2f}x |",
                 flush=True,
             )
+
+
+def _loop_stats(hlo: str) -> tuple[list[int], list[str]]:
+    """(trip counts of the while loops, output shapes of the all-gathers inside loop bodies) in
+    compiled HLO text."""
+    blocks = {}
+    for block in re.split(r"\n\n+", hlo):
+        name = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s", block)
+        if name:
+            blocks[name.group(1)] = block
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    trips = [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)]
+    gathers = [
+        re.search(r"=\s*(\S+\[[\d,]*\])", line).group(1)
+        for b in bodies
+        for line in blocks.get(b, "").splitlines()
+        if "all-gather(" in line and re.search(r"=\s*(\S+\[[\d,]*\])", line)
+    ]
+    return trips, gathers
+
+
+def per_device(args):
+    """Global-row tiles vs per-device tiles of KL + CE value-and-grad on `args.devices` devices."""
+    n = jax.device_count()
+    m = args.rows or (1024 if args.quick else 2048)
+    v = args.vocab or (16384 if args.quick else 151936)
+    h = args.width or (256 if args.quick else 896)
+    tile = (args.tiles or [default_tile_rows()])[0]
+    repeats = args.repeats or (2 if args.quick else 3)
+    dtype = jnp.dtype(args.dtype)
+    ks, kt, kw, km, kl = jax.random.split(jax.random.key(0), 5)
+    student = jax.random.normal(ks, (m, h), dtype)
+    teacher = (student + 0.5 * jax.random.normal(kt, (m, h))).astype(dtype)
+    head = (jax.random.normal(kw, (h, v)) * h**-0.5 * 4).astype(jnp.float32)  # fp32 master
+    weights = (jax.random.uniform(km, (m,)) < 0.8).astype(jnp.float32)
+    labels = jax.random.randint(kl, (m,), 0, v)
+
+    def loss(s, t, head, w, labels):
+        kl_, ce = kd_kl_and_cross_entropy(
+            s, t, head, w, labels, w, temperature=args.temperature, tile_rows=tile
+        )
+        return kl_ + ce
+
+    mesh = make_mesh(fsdp=n)
+    rows2, rows1 = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P("fsdp"))
+    shardings = (rows2, rows2, rows2, rows1, rows1)  # the head [H, V]: H over fsdp, as trained
+    inputs = jax.device_put((student, teacher, head, weights, labels), shardings)
+    step = jax.jit(jax.value_and_grad(loss), in_shardings=shardings)
+    print(
+        f"kd_kl + cross-entropy value-and-grad, M={m} rows over {n} CPU devices (fsdp={n}), "
+        f"H={h}, V={v}, hidden {dtype.name}, head float32, tile_rows={tile}, median of {repeats}\n"
+    )
+    print(
+        "| tiles over | loop trips per device | all-gathers in the loop (shape) "
+        "| temp memory per device (MiB) | time (s) |"
+    )
+    print("|---|---:|---:|---:|---:|", flush=True)
+    results = {}
+    for name, ctx in (("global rows (before)", None), ("each device's rows", mesh)):
+        with jax.set_mesh(ctx) if ctx is not None else contextlib.nullcontext():
+            compiled = step.lower(*inputs).compile()
+        trips, gathers = _loop_stats(compiled.as_text())
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        out = jax.block_until_ready(compiled(*inputs))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*inputs))
+            times.append(time.perf_counter() - start)
+        results[name] = out
+        print(
+            f"| {name} | {max(trips, default=0)} | {', '.join(gathers) or 'none'} "
+            f"| {temp / 2**20:.1f} "
+            f"| {statistics.median(times):.3f} |",
+            flush=True,
+        )
+    (la, ga), (lb, gb) = results.values()
+    scale = float(jnp.max(jnp.abs(ga.astype(jnp.float32))))
+    err = float(jnp.max(jnp.abs((ga - gb).astype(jnp.float32)))) / scale
+    if abs(float(la) - float(lb)) > 1e-5 * abs(float(la)) or err > 1e-4:
+        raise SystemExit(f"global and per-device tiles disagree: {la} vs {lb}, grad {err:.1e}")
+    print(f"\nSame loss ({float(lb):.6f}) and gradient (max rel. diff {err:.1e}) both ways.")
 
 
 if __name__ == "__main__":
