@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from blspkd_jax import cli
+from blspkd_jax.data import storage
 from blspkd_jax.data.manifest import read_rows
 from blspkd_jax.inference import multihost
 from blspkd_jax.inference.export import (
@@ -24,7 +24,7 @@ from blspkd_jax.inference.export import (
     verify_export,
 )
 from blspkd_jax.inference.workdir import load_run
-from blspkd_jax.models.blspkd_hf import load_exported
+from blspkd_jax.models.blspkd_hf import ExportError, load_exported
 
 __all__ = ["export_run", "load_exported", "main", "save_exported"]
 
@@ -36,7 +36,9 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--workdir", required=True, help="a training run's workdir")
-    ap.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    ap.add_argument(
+        "--out", required=True, help="the Hugging Face directory to write (local, or gs://...)"
+    )
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument(
         "--max-shard-size",
@@ -66,8 +68,13 @@ def main(argv=None) -> int:
     cli.setup_logging(args.verbose)
 
     def body() -> int:
+        if args.verify_manifest and storage.is_url(args.out):
+            raise ExportError(
+                f"--verify-manifest: transformers loads local folders only; export to a local "
+                f"--out to verify, or drop --verify-manifest for {args.out}"
+            )
         multihost.initialize()  # several hosts: every process runs this command alike
-        check_out_agreed(Path(args.out), args.force)  # before the minutes of loading the run
+        check_out_agreed(args.out, args.force)  # before the minutes of loading the run
         run = load_run(args.workdir, args.step)
         out = export_run(
             args.workdir,

@@ -18,6 +18,7 @@ import jax
 from etils import epath
 
 from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data import storage
 from blspkd_jax.data.manifest import BadRow, DataError, write_jsonl
 from blspkd_jax.data.pipeline import eval_pipeline
 from blspkd_jax.inference import multihost
@@ -54,9 +55,9 @@ def prepare_manifest(
     every row when given, the first `max_rows` when > 0) so that the consistency pass and both
     generations read exactly the same prompts. Returns (the written objects, malformed rows)."""
     manifest = os.fspath(manifest)
-    if not os.path.isfile(manifest):
+    if not storage.isfile(manifest):
         raise FileNotFoundError(f"eval manifest not found: {manifest}")
-    base = os.path.dirname(os.path.abspath(manifest))
+    base = storage.parent(manifest)
     kept, bad = [], []
     for number, _, text in manifest_lib.iter_lines(manifest):
         if max_rows and len(kept) >= max_rows:
@@ -70,7 +71,7 @@ def prepare_manifest(
         if instruction is not None:
             obj["instruction"] = instruction
         kept.append(obj)
-    with open(out, "w") as f:
+    with storage.open(out, "w") as f:
         for obj in kept:
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     return kept, bad
@@ -123,13 +124,13 @@ def evaluate_run(
         run = load_run(run, step)
     elif step is not None and step != run.step:
         raise RunError(f"evaluate_run: the given run is at step {run.step}, not {step}")
-    out = epath.Path(out) if out else run.workdir / "eval"
+    out = storage.as_path(out) if out else run.workdir / "eval"  # local, or a URL
     writer = multihost.is_writer()
     # Every process reads the same rows. Process 0 keeps them in OUT; the others in a local
     # scratch file, so no process depends on seeing another's disk.
     scratch = None
     if writer:
-        out.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out)
         eval_manifest = out / "manifest.jsonl"
     else:
         scratch = tempfile.TemporaryDirectory(prefix="blspkd-eval-")

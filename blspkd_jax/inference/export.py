@@ -17,9 +17,11 @@ import math
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
+import fsspec
 import jax
 import numpy as np
 from etils import epath
@@ -27,6 +29,7 @@ from flax import traverse_util
 from transformers import AutoModel, GenerationConfig, WhisperFeatureExtractor
 
 from blspkd_jax.data import audio as audio_lib
+from blspkd_jax.data import storage
 from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.inference import multihost
 from blspkd_jax.inference.generate import stop_token_ids
@@ -163,15 +166,19 @@ def save_exported(
     `chat_template` None keeps the tokenizer's. `llm_dir=False` skips OUT/llm (a second copy of
     the LLM weights). The directory is written beside `out` and moved into place whole, so
     nothing half-written is ever left at `out`, nor anything of an earlier export; an existing
-    `out` that is not an earlier export is refused unless `force`.
+    `out` that is not an earlier export is refused unless `force`. `out` may be a URL
+    (`gs://bucket/...`): the weights stream straight into the bucket, the small files are
+    uploaded after them, and the objects are moved into place when all are written.
     """
-    final = Path(out)
+    final = storage.as_path(out) if storage.is_url(out) else Path(out)
     check_out_agreed(final, force)
     writer = multihost.is_writer()
     # Process 0 writes; the others take part in gathering each tensor (`_write_weights`).
-    with hf.atomic_directory(final) if writer else contextlib.nullcontext() as tmp:
+    folders = _export_folders(final) if writer else contextlib.nullcontext((None, None))
+    with folders as (tmp, weights):
         _write_export(
             tmp,
+            weights,
             model_cfg,
             params,
             tokenizer,
@@ -187,6 +194,39 @@ def save_exported(
         )
     multihost.barrier("export written")
     return final
+
+
+@contextlib.contextmanager
+def _export_folders(final):
+    """(folder for the small files, folder for the weights) to write an export into, moved into
+    place at `final` when the block ends without an error (else deleted).
+
+    Locally both are one folder beside `final` (`hf.atomic_directory`). For a URL the small files
+    go to a local scratch folder (tokenizers and feature extractors save to local paths only) and
+    the weights to `.NAME.partial-PID` beside `final` in the bucket; at the end the small files
+    are uploaded there and the objects moved to `final` (an object store has no atomic rename:
+    `final` is missing, not half-written, for the moments of the move).
+    """
+    if not storage.is_url(final):
+        with hf.atomic_directory(final) as tmp:
+            yield tmp, tmp
+        return
+    fs, _ = fsspec.core.url_to_fs(os.fspath(final))
+    url = os.fspath(final).rstrip("/")
+    head, name = url.rsplit("/", 1)
+    partial = f"{head}/.{name}.partial-{os.getpid()}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="blspkd-export-") as local:
+            yield Path(local), storage.as_path(partial)
+            for f in sorted(Path(local).rglob("*")):
+                if f.is_file():
+                    fs.put_file(str(f), f"{partial}/{f.relative_to(local).as_posix()}")
+        if fs.exists(url):
+            fs.rm(url, recursive=True)
+        fs.mv(partial, url, recursive=True)
+    finally:
+        if fs.exists(partial):
+            fs.rm(partial, recursive=True)
 
 
 def check_out_agreed(out: str | os.PathLike, force: bool) -> None:
@@ -217,6 +257,7 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
 
 def _write_export(
     out: Path | None,
+    weights_out,
     model_cfg: BLSPKDConfig,
     params,
     tokenizer,
@@ -231,8 +272,8 @@ def _write_export(
     llm_dir,
     max_new_tokens,
 ) -> None:
-    """Everything but the weights on process 0 (`out` None elsewhere); the weights on every
-    process together (`_write_weights`)."""
+    """Everything but the weights into `out` on process 0 (None elsewhere); the weights into
+    `weights_out` (a local folder or a URL) on every process together (`_write_weights`)."""
     if out is not None:
         tokenizer = copy.deepcopy(tokenizer)
         if chat_template:
@@ -270,7 +311,7 @@ def _write_export(
         (out / "README.md").write_text(
             model_card(model_cfg, step=step, train=train, evaluation=evaluation, source=source)
         )
-    _write_weights(out, model_cfg, params, max_shard_bytes=max_shard_bytes, llm_dir=llm_dir)
+    _write_weights(weights_out, model_cfg, params, max_shard_bytes=max_shard_bytes, llm_dir=llm_dir)
 
 
 @jax.jit
@@ -281,7 +322,7 @@ def _layer(x, i):
 
 
 def _write_weights(
-    out: Path | None, model_cfg: BLSPKDConfig, params, *, max_shard_bytes: int, llm_dir: bool
+    out, model_cfg: BLSPKDConfig, params, *, max_shard_bytes: int, llm_dir: bool
 ) -> None:
     """The exported state dict (and OUT/llm's), one tensor at a time: every process joins in
     gathering it (one layer of a scanned stack at a time), process 0 converts it to PyTorch's
@@ -326,9 +367,9 @@ class StreamedStateDict:
     (safetensors' own writer takes every tensor at once, which is the whole model.)
     """
 
-    def __init__(self, path: Path, specs: dict, max_shard_bytes: int):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path, specs: dict, max_shard_bytes: int):
+        self.path = path if isinstance(path, epath.Path) else Path(path)  # local, or a URL
+        storage.makedirs(self.path)
         self.names = sorted(specs)
         self.specs = specs
         # The shard split of hf.write_state_dict: in name order, a new shard when one would
@@ -391,7 +432,7 @@ class StreamedStateDict:
             self._file.close()
         self._shard += 1
         self._shard_names = set(self.shards[self._shard])
-        self._file = open(self.path / self.files[self._shard], "wb")  # noqa: SIM115
+        self._file = (self.path / self.files[self._shard]).open("wb")  # streamed to a bucket
         self._file.write(self._header(self.shards[self._shard]))
 
     def close(self) -> None:

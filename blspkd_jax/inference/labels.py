@@ -9,7 +9,6 @@ Audio paths are rewritten to resolve from OUT's folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from blspkd_jax.data import storage
 from blspkd_jax.data.layout import DEFAULT_SYSTEM, ChatLayout, text_ids
 from blspkd_jax.data.manifest import DataError, read_rows, write_jsonl
 from blspkd_jax.inference import multihost
@@ -143,13 +143,18 @@ def _row_keys(rows: Sequence[dict]) -> list[tuple]:
 
 def _read_done(path: str) -> list[dict]:
     """Rows already written to OUT. An unfinished last line (the run was killed mid-write) is cut
-    off the file; a malformed complete line is an error."""
-    if not os.path.exists(path):
+    off the file; a malformed complete line is an error. (An object in a bucket is whole: what
+    it holds was uploaded at once.)"""
+    if storage.is_url(path):
+        p = storage.as_path(path)
+        data = p.read_bytes() if p.exists() else b""
+    elif os.path.exists(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
         return []
-    with open(path, "rb") as f:
-        data = f.read()
     complete, newline, partial = data.rpartition(b"\n")
-    if partial:
+    if partial and not storage.is_url(path):
         with open(path, "r+b") as f:
             f.truncate(len(complete) + len(newline))
     rows = []
@@ -177,9 +182,10 @@ def label_manifest(manifest: str, out: str, module, params, tokenizer, **kwargs)
     On several processes, every process calls this alike; process 0 alone reads and writes `out`
     (the rows still to do are its decision, sent to the others).
     """
-    if os.path.abspath(manifest) == os.path.abspath(out):
+    manifest, out = os.fspath(manifest), os.fspath(out)
+    if storage.as_path(manifest) == storage.as_path(out):
         raise DataError(f"--out {out} must differ from --manifest (the input is never rewritten)")
-    folder = os.path.dirname(os.path.abspath(out))
+    folder = storage.parent(out)
     # Audio paths that resolve from OUT's folder (relative ones were relative to the manifest's).
     rows = [{**r.fields, "audio": r.audio_from(folder)} for r in read_rows(manifest)]
     keys = _row_keys(rows)
@@ -203,17 +209,19 @@ def label_manifest(manifest: str, out: str, module, params, tokenizer, **kwargs)
         responses = continuations(
             module, params, tokenizer, [rows[i]["text"] for i in todo], **kwargs
         )
-        if writer:
-            os.makedirs(folder, exist_ok=True)
-        with open(out, "a", encoding="utf-8") if writer else contextlib.nullcontext() as f:
+        # A line at a time (in a bucket: the whole object again at most every 30 s and at the end).
+        log = storage.LineLog(out) if writer else None
+        try:
             for i, resp in zip(todo, responses, strict=True):
-                if f is None:
+                if log is None:
                     continue
                 row = {**rows[i], "response": resp}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
+                log.write(json.dumps(row, ensure_ascii=False))
                 done[keys[i]] = row
                 done_rows.append(row)
+        finally:
+            if log is not None:
+                log.close()
     # Resumed around rows done out of order (or given an output with extra rows): put it in order.
     if writer and _row_keys(done_rows) != keys:
         write_jsonl(out, [done[k] for k in keys])

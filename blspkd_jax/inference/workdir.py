@@ -17,6 +17,7 @@ from etils import epath
 from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
+from blspkd_jax.data import storage
 from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.pipeline import DataConfig
 from blspkd_jax.models import sharding
@@ -55,8 +56,8 @@ class Run:
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run saved as `workdir/config.json` (any `etils.epath` path:
     local, gs://, ...)."""
-    path = epath.Path(workdir) / "config.json"
-    if not epath.Path(workdir).is_dir():
+    path = _path(workdir) / "config.json"
+    if not _path(workdir).is_dir():
         raise RunError(f"workdir {workdir} does not exist (expected a training run's directory)")
     if not path.is_file():
         raise RunError(
@@ -67,6 +68,11 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         return config_lib.read_saved_config(path)
     except config_lib.ConfigError as e:
         raise RunError(str(e)) from None
+
+
+def _path(path: str | os.PathLike) -> epath.Path:
+    """A workdir as an epath.Path: a URL (`gs://...`) through `storage`, a local path as given."""
+    return storage.as_path(path) if storage.is_url(path) else epath.Path(path)
 
 
 def default_mesh() -> Mesh:
@@ -81,7 +87,7 @@ def load_run(
     """The run in `workdir` at checkpoint `step` (None: the latest), on `mesh` (None:
     `default_mesh()`: every device of every process). On several processes every process calls
     this alike and the parameters are sharded over all of them (no process holds the model)."""
-    workdir = epath.Path(workdir)
+    workdir = _path(workdir)
     config = read_config(workdir)
     steps = checkpoint.steps(workdir)
     if not steps:
