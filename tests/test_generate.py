@@ -236,8 +236,8 @@ def test_select_token_distribution():
     assert np.all(np.asarray(draw(logits, keys, 1.0, 1.0, sample=False)) == 1)
 
 
-SHARDED = """
-import os, sys
+SHARDED = r"""
+import os, re, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -267,8 +267,39 @@ again = generate(module, placed, input_ids=ids, attention_mask=mask, **kw)
 jax.device_put = put
 assert moved == [], len(moved)  # the params went into the compiled program where they were
 odd = generate(module, placed, input_ids=ids[:3], attention_mask=mask[:3], **kw)
+kept = generate(module, placed, input_ids=ids, attention_mask=mask, weights="sharded", **kw)
 assert (np.asarray(got) == one).all() and (np.asarray(again) == one).all(), (got, one)
 assert (np.asarray(odd) == one[:3]).all()  # 3 rows on 8 devices: the batch runs replicated
+assert (np.asarray(kept) == one).all()
+# The decode loop of the gathered program: no all-gather inside the model's step (only the
+# token choice, an argmax over the vocabulary split by tensor, communicates there).
+import blspkd_jax.inference.generate as g
+mine = [v for k, v in g._COMPILED.items() if k[1] == mesh and k[2][0][0] == 8 and k[4]]
+(fn, shardings, rules), = mine
+args = (placed, ids, mask, None, np.float32(1), np.float32(1), np.zeros(2, np.uint32))
+args = jax.tree.map(g._place, args, shardings, is_leaf=lambda x: x is None)
+with sharding.activate(mesh, rules):
+    hlo = fn.lower(*args).compile().as_text()
+comps, name = {}, None
+for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+        name, comps[head.group(1)] = head.group(1), []
+    elif name and line.startswith("}"):
+        name = None
+    elif name:
+        comps[name].append(line)
+todo = [re.search(r"body=%?([\w.\-]+)", l).group(1) for c in comps.values() for l in c
+        if " while(" in l]
+loop = set()
+while todo:
+    c = todo.pop()
+    if c in comps and c not in loop:
+        loop.add(c)
+        called = r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)"
+        todo += [n for l in comps[c] for n in re.findall(called, l)]
+gathers = [l for c in loop for l in comps[c] if re.search(r" all-gather(-start)?\(", l)]
+assert gathers and not [l for l in gathers if "/LLM/" in l], gathers
 print("OK", (one == eos).any(), flush=True)
 """
 
@@ -276,9 +307,10 @@ print("OK", (one == eos).any(), flush=True)
 @pytest.mark.slow
 def test_sharded_generation_equals_one_device(saved):
     """On 8 virtual devices (fsdp 4 x tensor 2) with the LLM loaded straight into its shardings,
-    greedy tokens equal the single-device run's; the output comes back split by batch, and no
-    parameter is moved before the compiled program (it takes the weights where they are; only the
-    prompts are copied in from the host).
+    greedy tokens equal the single-device run's (weights gathered once or kept sharded); the
+    output comes back split by batch; no parameter is moved before the compiled program (it takes
+    the weights where they are; only the prompts are copied in from the host); and in the
+    compiled decode loop nothing of the model's step is all-gathered (the weights were, once).
     """
     path, _, eos, _ = saved["llama"]
     p = subprocess.run(

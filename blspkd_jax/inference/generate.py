@@ -90,9 +90,11 @@ def cache_shardings(config, mesh: Mesh, batch: int, length: int, rules=sharding.
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
+@functools.lru_cache(maxsize=32)
 def param_shardings(module: LLM, mesh: Mesh):
     """The LLM's parameters' NamedShardings on `mesh` by the rules table: the shardings the
-    trainer and `hf.load_llm(..., mesh=)` put them in (FSDP over `embed`, tensor over heads)."""
+    trainer and `hf.load_llm(..., mesh=)` put them in (FSDP over `embed`, tensor over heads).
+    (Kept per module and mesh: tracing the model's init costs time at 7B.)"""
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     boxed = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
     return sharding.logical_shardings(mesh, boxed)
@@ -114,7 +116,10 @@ def _generate(
     sample: bool,
     embeds: bool,
     cache_specs,
+    gather_specs,
 ):
+    if gather_specs is not None:  # FSDP weights gathered once here, not at every decode step
+        params = jax.lax.with_sharding_constraint(params, gather_specs)
     B, P = attention_mask.shape
     N = max_new_tokens
     rng = jax.random.wrap_key_data(rng)  # passed as its uint32 data: host data in, like the rest
@@ -169,15 +174,16 @@ def _generate(
 _COMPILED: dict = {}
 
 
-def _program(module: LLM, mesh: Mesh, shapes: tuple, lora: bool, **static):
+def _program(module: LLM, mesh: Mesh, shapes: tuple, lora: bool, gather: bool, **static):
     """(the jitted generation program, its input shardings) for one configuration; built once
     and kept, so that jit's compilation cache is hit on every later batch of the same shapes.
 
     Parameters come in their rules-table shardings, the batch split over data x fsdp (replicated
     where the batch does not divide), the KV cache by batch and KV heads; the compiled program
-    is the whole prefill + decode loop, so nothing is gathered outside it.
+    is the whole prefill + decode loop, so nothing is gathered outside it. With `gather` the
+    weights are all-gathered over the batch axes once at its start (`gathered_shardings`).
     """
-    key = (module, mesh, shapes, lora, tuple(sorted(static.items())))
+    key = (module, mesh, shapes, lora, gather, tuple(sorted(static.items())))
     if key not in _COMPILED:
         B, P = shapes[0][:2]
         divides = B % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) == 0
@@ -194,8 +200,10 @@ def _program(module: LLM, mesh: Mesh, shapes: tuple, lora: bool, **static):
         cache_specs = cache_shardings(
             module.config, mesh, B, P + static["max_new_tokens"] - 1, rules
         )
+        params_in = param_shardings(module, mesh)
+        gather_specs = gathered_shardings(params_in) if gather else None
         in_shardings = (
-            param_shardings(module, mesh),
+            params_in,
             *(batch(s) for s in shapes),
             batch(shapes[1]) if lora else None,
             scalar,
@@ -203,12 +211,52 @@ def _program(module: LLM, mesh: Mesh, shapes: tuple, lora: bool, **static):
             scalar,
         )
         fn = jax.jit(
-            functools.partial(_generate, module=module, cache_specs=cache_specs, **static),
+            functools.partial(
+                _generate,
+                module=module,
+                cache_specs=cache_specs,
+                gather_specs=gather_specs,
+                **static,
+            ),
             in_shardings=in_shardings,
             out_shardings=batch((B, static["max_new_tokens"])),
         )
         _COMPILED[key] = (fn, in_shardings, rules)
     return _COMPILED[key]
+
+
+def gathered_shardings(shardings):
+    """`shardings` with the batch axes (data, fsdp) dropped: every device then holds its tensor
+    slice of each weight whole, so decoding reads local weights instead of gathering them."""
+
+    def drop(s: NamedSharding) -> NamedSharding:
+        entries = []
+        for e in s.spec:
+            kept = tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a not in
+                         sharding.BATCH_AXES)  # fmt: skip
+            entries.append(kept[0] if len(kept) == 1 else kept or None)
+        return NamedSharding(s.mesh, PartitionSpec(*entries))
+
+    return jax.tree.map(drop, shardings)
+
+
+def gathered_bytes(params, shardings) -> int:
+    """Bytes one device holds of `params` in their `gathered_shardings(shardings)`."""
+    gathered = jax.tree.leaves(gathered_shardings(shardings))
+    return sum(
+        math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+        for x, s in zip(jax.tree.leaves(params), gathered, strict=True)
+    )
+
+
+def _gather_fits(params, shardings) -> bool:
+    """Whether the gathered weights take at most half of a device's free memory (devices that
+    report none, such as CPUs: yes)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return True
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return gathered_bytes(params, shardings) <= free // 2
 
 
 def _replicated_batch_rules():
@@ -250,6 +298,7 @@ def generate(
     top_p: float = 1.0,
     rng=None,
     mesh: Mesh | None = None,
+    weights: str = "auto",
 ) -> jax.Array:
     """New tokens `[B, max_new_tokens]` int32 after a left-padded prompt, as a global array split
     by batch over the mesh's data x fsdp devices (`multihost.to_host` brings it to every host).
@@ -269,6 +318,11 @@ def generate(
       rules-table shardings (FSDP, tensor), the batch and the KV cache split by batch and KV heads,
       so no parameter is gathered outside it. Host inputs may be numpy on every process (each
       copies in only its own rows); on several processes every process passes the same batch.
+    - `weights`: "gathered" all-gathers the FSDP-sharded weights once, at the program's start, so
+      the decode loop reads them locally (an FSDP layout would gather every layer again for every
+      token: the whole model's bytes per token); "sharded" keeps them split (for a model too big
+      to hold whole per tensor group); "auto" gathers when that takes at most half of a device's
+      free memory.
     """
     config = module.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -302,12 +356,19 @@ def generate(
     pad_id = default_pad_id(config, stop_ids) if pad_token_id is None else int(pad_token_id)
     mesh = mesh_of(params) if mesh is None else mesh
     lora_mask = None if lora_mask is None else _as_input(lora_mask)
+    if weights not in ("auto", "gathered", "sharded"):
+        raise ValueError(f"generate: weights must be auto, gathered or sharded, got {weights!r}")
+    params = nn.unbox(params)
+    gather = weights == "gathered" or (
+        weights == "auto" and _gather_fits(params, param_shardings(module, mesh))
+    )
     shapes = (tuple(prompt.shape), (B, L))
     fn, in_shardings, rules = _program(
         module,
         mesh,
         shapes,
         lora_mask is not None,
+        gather,
         max_new_tokens=int(max_new_tokens),
         stop_ids=stop_ids,
         pad_id=pad_id,
@@ -319,7 +380,7 @@ def generate(
     elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     args = (
-        nn.unbox(params),
+        params,
         prompt,
         attention_mask,
         lora_mask,
