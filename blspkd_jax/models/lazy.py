@@ -117,9 +117,7 @@ class FileTensor(LazyTensor):
         as_slices = tuple(slice(i, i + 1) if k in ints else i for k, i in enumerate(index))
         with safe_open(self.path, framework="np") as f:
             a = f.get_slice(self.name)[as_slices]
-        return np.asarray(a).reshape(
-            [n for k, n in enumerate(np.shape(a)) if k not in ints]
-        )
+        return np.asarray(a).reshape([n for k, n in enumerate(np.shape(a)) if k not in ints])
 
 
 class Transposed(LazyTensor):

@@ -49,8 +49,8 @@ def run_layout(
 ) -> tuple[dict, dict[str, NamedSharding]]:
     """`param_layout` in the dtypes the run keeps its parameters in: trained ones
     (`train.trainable`) in the model's `param_dtype` (fp32 master copies in every shipped config),
-    frozen ones in `train.frozen_dtype` when set (bf16 halves the memory and FSDP traffic of a frozen 7B LLM).
-    Training, inference and the compile-only plan all place parameters by this."""
+    frozen ones in `train.frozen_dtype` when set (bf16 halves the memory and FSDP traffic of a
+    frozen 7B LLM). Training, inference and the compile-only plan all place parameters by this."""
     abstract, shardings = param_layout(model, mesh)
     name = config.train.get("frozen_dtype", "")
     if not name:
