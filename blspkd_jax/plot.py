@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from blspkd_jax import cli
+from blspkd_jax.data import storage
 from blspkd_jax.data.manifest import DataError, read_rows
 from blspkd_jax.inference.plots import plot_cif, plot_curves
 from blspkd_jax.inference.workdir import load_run
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     cli.setup_logging(args.verbose)
 
     def body() -> int:
-        out = Path(args.out or Path(args.workdir) / "plots" / f"{args.command}.png")
+        out = args.out or storage.join(args.workdir, f"plots/{args.command}.png")
         if args.command == "curves":
             print(plot_curves(args.workdir, out))
             return 0

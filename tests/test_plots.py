@@ -2,6 +2,7 @@
 curves of the tiny trained run, and the CIF picture and the plot command's errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ def test_fire_points_by_hand():
 
 
 def _png(path):
+    path = Path(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 

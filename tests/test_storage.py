@@ -161,3 +161,15 @@ def test_a_run_with_a_gs_workdir_writes_everything_there_and_resumes(gcs, assets
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and checkpoint.steps(workdir) == [1, 2, 3]
     assert list(cwd.iterdir()) == []
+
+
+def test_curves_of_a_gs_workdir_are_drawn_into_the_bucket(gcs):
+    from blspkd_jax import plot
+
+    rows = [{"step": s, "loss": 2.0 / s, "input_kl": 1.0 / s} for s in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    storage.as_path(f"{BUCKET}/plotted/metrics.jsonl").write_text(text)
+    assert plot.main(["curves", "--workdir", f"{BUCKET}/plotted"]) == 0
+    png = storage.as_path(f"{BUCKET}/plotted/plots/curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not os.path.exists("gs:")  # nothing landed in a local ./gs: folder

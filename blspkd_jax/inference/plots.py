@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+import posixpath
 
 import matplotlib
 
@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from blspkd_jax.data import audio as audio_lib  # noqa: E402
+from blspkd_jax.data import storage  # noqa: E402
 from blspkd_jax.data.layout import text_ids  # noqa: E402
 from blspkd_jax.data.manifest import DataError  # noqa: E402
 from blspkd_jax.inference.respond import load_features, speech_alphas  # noqa: E402
@@ -34,11 +35,13 @@ EVAL_CURVES = ("eval/input_kl", "eval/response_kl", "eval/top1_input", "eval/cif
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The rows of `workdir/metrics.jsonl` (a line cut by a kill mid-write is left out)."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
+    path = storage.join(os.fspath(workdir), "metrics.jsonl")
+    if not storage.isfile(path):
         raise DataError(f"{path}: not found (python -m blspkd_jax.train writes it)")
     rows = []
-    for line in path.read_text().splitlines():
+    with storage.open(path) as f:
+        text = f.read()
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -46,7 +49,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
+def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> str:
     """One panel per logged quantity against the step: training (lines) and evaluation (dots)."""
     rows = read_metrics(workdir)
     train = [r for r in rows if "loss" in r]
@@ -54,7 +57,9 @@ def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
     panels = [(k, t) for k, t in CURVES if any(k in r for r in train)]
     panels += [(k, k) for k in EVAL_CURVES if any(k in r for r in evals)]
     if not panels:
-        raise DataError(f"{Path(workdir) / 'metrics.jsonl'}: no logged losses yet")
+        raise DataError(
+            f"{storage.join(os.fspath(workdir), 'metrics.jsonl')}: no logged losses yet"
+        )
     cols = 3
     fig, axes = plt.subplots(
         math.ceil(len(panels) / cols), cols, figsize=(12, 3 * math.ceil(len(panels) / cols))
@@ -71,7 +76,7 @@ def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(f"{Path(workdir).name}: training curves", fontsize=11)
+    fig.suptitle(f"{_name(workdir)}: training curves", fontsize=11)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -91,7 +96,7 @@ def fire_points(alphas: np.ndarray) -> np.ndarray:
     return np.minimum(fires, last)
 
 
-def plot_cif(run, row, out: str | os.PathLike) -> Path:
+def plot_cif(run, row, out: str | os.PathLike) -> str:
     """The log-mel of one manifest row's audio, its firing weights and the tokens CIF fires,
     each labelled with the transcript token at that place (`?` past the transcript's end)."""
     feats, mask = load_features(run, [row])
@@ -135,16 +140,23 @@ def plot_cif(run, row, out: str | os.PathLike) -> Path:
     n_ref = len(tokens)
     fig.suptitle(
         f"CIF fires {len(fires)} tokens (sum of alpha {alphas.sum():.2f}); the transcript has "
-        f"{n_ref} (run {Path(run.workdir).name}, step {run.step})",
+        f"{n_ref} (run {_name(run.workdir)}, step {run.step})",
         fontsize=10,
     )
     fig.tight_layout()
     return _save(fig, out)
 
 
-def _save(fig, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+def _name(workdir: str | os.PathLike) -> str:
+    """The run's folder name, for titles (a gs:// workdir too)."""
+    return posixpath.basename(os.fspath(workdir).rstrip("/"))
+
+
+def _save(fig, out: str | os.PathLike) -> str:
+    """Write the figure as PNG to `out`, a local path or a URL (storage.py)."""
+    out = os.fspath(out)
+    storage.makedirs(storage.parent(out))
+    with storage.open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return out
