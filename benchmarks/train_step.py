@@ -405,7 +405,7 @@ def run_preset(p: Preset, repeats: int, warmup: int, compile_torch: bool = True,
 
     compiled, state, gbatch, stats, compile_s = jax_step(p, flat, batch)
     rng = jax.random.PRNGKey(0)
-    res["xla_flops"] = stats["flops"]
+    res["xla_flops"] = stats["xla_flops"]
     res["flops"] = analytic_flops(p.model, batch, set(trainable))
     jax_box = {"state": state}
 

@@ -22,7 +22,7 @@ from blspkd_jax.models import presets
 from blspkd_jax.models.encoder import WhisperEncoder, WhisperEncoderConfig
 from blspkd_jax.models.hf import CheckpointError
 from blspkd_jax.models.llm import LLM, LLMConfig
-from blspkd_jax.training import plan
+from blspkd_jax.training import flops, plan
 
 REPO = Path(__file__).parent.parent
 
@@ -111,10 +111,10 @@ def test_matmul_flops_counts_every_loop_iteration():
 
     dot = 2 * 4 * 8 * 8  # [4, 8] @ [8, 8]
     conv = 2 * (1 * 6 * 8) * 3 * 3  # every output: 3 channels x 3 taps
-    assert plan.matmul_flops(jax.make_jaxpr(f)(w, x, k)) == 5 * dot + conv
+    assert flops.matmul_flops(jax.make_jaxpr(f)(w, x, k)) == 5 * dot + conv
     # The gradient wrt h's inputs: each dot twice more (dh and dw), each conv twice more.
     grads = jax.make_jaxpr(jax.grad(f, argnums=(0, 2)))(w, x, k)
-    assert plan.matmul_flops(grads) == 3 * (5 * dot + conv)
+    assert flops.matmul_flops(grads) == 3 * (5 * dot + conv)
 
 
 def test_topology_names_are_checked_before_anything_compiles():
@@ -278,4 +278,4 @@ def test_matmul_flops_counts_a_shard_map_body_on_every_device():
         return g(x, w).sum()
 
     jaxpr = jax.make_jaxpr(f)(jnp.zeros((8, 16)), jnp.zeros((16, 32)))
-    assert plan.matmul_flops(jaxpr) == 2 * 8 * 16 * 32
+    assert flops.matmul_flops(jaxpr) == 2 * 8 * 16 * 32

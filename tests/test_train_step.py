@@ -181,6 +181,26 @@ def test_train_step_updates_trainable_only():
     assert sorted(changed) == sorted(trainable_before)
 
 
+def test_step_flops_count_every_scanned_layer():
+    """MFU's numerator: the compiled step's FLOPs are the same looped or scanned (XLA's own count
+    sees a scanned stack's body once, so it cannot be the numerator)."""
+    batch = random_batch(3)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
+    stats = {}
+    for scan in (False, True):
+        model = BLSPKD(tiny_config(scan_layers=scan))
+        state, shardings, tx, mesh = _state(model, step_cfg, batch)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        step = train_state.make_train_step(model, step_cfg, tx)
+        _, stats[scan] = train_state.compile_train_step(
+            step, shardings, mesh, abstract, abstract_batch, log=lambda *a: None
+        )
+    assert stats[False]["flops"] > 0
+    assert stats[True]["flops"] == pytest.approx(stats[False]["flops"], rel=1e-9)
+    assert stats[True]["xla_flops"] < stats[False]["xla_flops"]
+
+
 def test_gradient_accumulation_averages_two_different_micro_batches():
     """Accumulating over two micro-batches gives the mean of their gradients, taken one by one
     (before any optimizer): a missing division by n or a dropped micro-batch fails this."""
