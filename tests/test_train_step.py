@@ -15,7 +15,7 @@ from tiny import random_batch, tiny_config
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, splice_speech
 from blspkd_jax.models.llm import LLM
-from blspkd_jax.training import optim, train_state, weights
+from blspkd_jax.training import flops, optim, train_state, weights
 from blspkd_jax.training.objective import LossConfig, compute_losses, loss_rows
 
 HERE = Path(__file__).parent
@@ -182,23 +182,27 @@ def test_train_step_updates_trainable_only():
 
 
 def test_step_flops_count_every_scanned_layer():
-    """MFU's numerator: the compiled step's FLOPs are the same looped or scanned (XLA's own count
-    sees a scanned stack's body once, so it cannot be the numerator)."""
+    """MFU's numerator: the compiled step's FLOPs are what the traced step executes, the same
+    looped or scanned (XLA's own count sees a scanned stack's body once)."""
     batch = random_batch(3)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
-    stats = {}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    counted = {}
     for scan in (False, True):
         model = BLSPKD(tiny_config(scan_layers=scan))
         state, shardings, tx, mesh = _state(model, step_cfg, batch)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         step = train_state.make_train_step(model, step_cfg, tx)
-        _, stats[scan] = train_state.compile_train_step(
-            step, shardings, mesh, abstract, abstract_batch, log=lambda *a: None
-        )
-    assert stats[False]["flops"] > 0
-    assert stats[True]["flops"] == pytest.approx(stats[False]["flops"], rel=1e-9)
-    assert stats[True]["xla_flops"] < stats[False]["xla_flops"]
+        with sharding.activate(mesh):
+            counted[scan] = flops.matmul_flops(jax.make_jaxpr(step)(abstract, abstract_batch, rng))
+    assert counted[False] > 0
+    assert counted[True] == pytest.approx(counted[False], rel=1e-9)
+    _, stats = train_state.compile_train_step(
+        step, shardings, mesh, abstract, abstract_batch, log=lambda *a: None
+    )
+    assert stats["flops"] == pytest.approx(counted[True] / mesh.size, rel=1e-9)
+    assert 0 < stats["xla_flops"] < stats["flops"]  # XLA counted one layer of the scanned stack
 
 
 def test_gradient_accumulation_averages_two_different_micro_batches():

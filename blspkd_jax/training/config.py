@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -147,9 +148,16 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def save_config(config: ml_collections.ConfigDict, path: str | Path) -> None:
     """Write the resolved config as JSON (tuples become lists) for the record; `path` may be a
-    URL (`gs://...`)."""
+    URL (`gs://...`). Atomic: other processes of a resumed run read it while process 0 writes it,
+    so a local file is written beside and renamed into place (an object store's write is whole)."""
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-    storage.as_path(path).write_text(text)
+    if storage.is_url(path):
+        storage.as_path(path).write_text(text)
+        return
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _tuples(x):
