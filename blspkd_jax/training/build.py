@@ -23,8 +23,10 @@ from blspkd_jax.models.blspkd import BLSPKDConfig
 from blspkd_jax.models.encoder import HF_CONFIG_KEYS as ENCODER_SIZE_KEYS
 from blspkd_jax.models.encoder import WhisperEncoderConfig
 from blspkd_jax.models.llm_config import LLMConfig
+from blspkd_jax.training import optim
 from blspkd_jax.training.config import ConfigError
 from blspkd_jax.training.objective import LossConfig
+from blspkd_jax.training.train_state import StepConfig
 
 LLM_SIZE_KEYS = (
     "model_type",
@@ -122,6 +124,36 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
     return LossConfig(**{f.name: config.loss[f.name] for f in dataclasses.fields(LossConfig)})
+
+
+def step_config(config: ml_collections.ConfigDict) -> StepConfig:
+    """What the train step trains and how: `train.trainable`, `loss.*`, `grad_accum_steps`."""
+    return StepConfig(
+        trainable=tuple(config.train.trainable),
+        loss=loss_config(config),
+        grad_accum_steps=config.grad_accum_steps,
+    )
+
+
+def optimizer(config: ml_collections.ConfigDict):
+    """(optax transformation, learning-rate schedule) from `optim.*` and `total_steps`; a value
+    out of range is a ConfigError."""
+    o = config.optim
+    try:
+        return optim.make_optimizer(
+            learning_rate=o.learning_rate,
+            warmup_steps=o.warmup_steps,
+            total_steps=config.total_steps,
+            decay=o.decay,
+            end_factor=o.end_factor,
+            weight_decay=o.weight_decay,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            grad_clip_norm=o.grad_clip_norm,
+        )
+    except ValueError as e:  # optim.* out of range
+        raise ConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------

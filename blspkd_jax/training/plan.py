@@ -308,27 +308,8 @@ def prepare(config: ml_collections.ConfigDict, topo: Topology) -> Step:
         raise ConfigError(str(e)) from None
     check_shapes(cfg, mesh)
     model = BLSPKD(model_cfg)
-    step_cfg = train_state.StepConfig(
-        trainable=tuple(cfg.train.trainable),
-        loss=build.loss_config(cfg),
-        grad_accum_steps=cfg.grad_accum_steps,
-    )
-    o = cfg.optim
-    try:
-        tx, _ = optim.make_optimizer(
-            learning_rate=o.learning_rate,
-            warmup_steps=o.warmup_steps,
-            total_steps=cfg.total_steps,
-            decay=o.decay,
-            end_factor=o.end_factor,
-            weight_decay=o.weight_decay,
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            grad_clip_norm=o.grad_clip_norm,
-        )
-    except ValueError as e:  # optim.* out of range
-        raise ConfigError(str(e)) from None
+    step_cfg = build.step_config(cfg)
+    tx, _ = build.optimizer(cfg)
     state, state_shardings = abstract_state(cfg, model, mesh, step_cfg, tx)
     frames, tokens = max(data_cfg.frame_buckets), max(data_cfg.token_buckets)
     batch = example_batch(model_cfg, cfg.batch_size, frames, tokens)

@@ -287,27 +287,8 @@ class Trainer:
             jax.device_count(),
             dict(self.mesh.shape),
         )
-        self.step_cfg = train_state.StepConfig(
-            trainable=tuple(config.train.trainable),
-            loss=self.loss_cfg,
-            grad_accum_steps=config.grad_accum_steps,
-        )
-        o = config.optim
-        try:
-            self.tx, self.schedule = optim.make_optimizer(
-                learning_rate=o.learning_rate,
-                warmup_steps=o.warmup_steps,
-                total_steps=config.total_steps,
-                decay=o.decay,
-                end_factor=o.end_factor,
-                weight_decay=o.weight_decay,
-                b1=o.b1,
-                b2=o.b2,
-                eps=o.eps,
-                grad_clip_norm=o.grad_clip_norm,
-            )
-        except ValueError as e:  # optim.* out of range
-            raise config_lib.ConfigError(str(e)) from None
+        self.step_cfg = build.step_config(config)
+        self.tx, self.schedule = build.optimizer(config)
 
         self.tokenizer = build.tokenizer_path(config)
         self.train_data = train_pipeline(self.data_cfg, self.tokenizer, self.workdir)
