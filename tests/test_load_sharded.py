@@ -5,16 +5,13 @@ shard; `train.frozen_dtype` keeps frozen parameters in bf16 and trained ones in 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from tiny import OVERRIDES
+from tiny import OVERRIDES, run_on_cpu_devices
 
 from blspkd_jax.models import hf, lazy, sharding
 from blspkd_jax.models.blspkd import BLSPKD
@@ -149,20 +146,7 @@ print("sharded load == unsharded load")
 
 @pytest.mark.slow
 def test_load_into_mesh_equals_plain_load(tmp_path):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _MESH_SCRIPT, str(tmp_path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "sharded load == unsharded load" in proc.stdout
+    assert "sharded load == unsharded load" in run_on_cpu_devices(_MESH_SCRIPT, str(tmp_path))
 
 
 def _tiny_config(*extra):

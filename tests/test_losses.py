@@ -4,18 +4,14 @@ one call per term for the one-pass multi-term versions, and a single device for 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny import VOCAB, random_batch, tiny_config
+from tiny import VOCAB, random_batch, run_on_cpu_devices, tiny_config
 
 from blspkd_jax.training import losses
 from blspkd_jax.training.objective import LOSS_NAMES, LossConfig, compute_losses, loss_rows
@@ -573,21 +569,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_run_matches_single_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "sharded == single device" in proc.stdout
+    assert "sharded == single device" in run_on_cpu_devices(_SHARDED_SCRIPT)
 
 
 _PER_DEVICE_SCRIPT = textwrap.dedent(
@@ -692,18 +674,4 @@ _PER_DEVICE_SCRIPT = textwrap.dedent(
 
 def test_per_device_tiles_under_a_mesh_match_single_device_and_formula():
     # Under jax.set_mesh (as the trainer traces its step) each device tiles the rows it holds.
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _PER_DEVICE_SCRIPT],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "per-device tiles == single device == formula" in proc.stdout
+    assert "per-device tiles == single device == formula" in run_on_cpu_devices(_PER_DEVICE_SCRIPT)

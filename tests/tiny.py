@@ -4,6 +4,9 @@ the tests (importable from subprocesses: tests/ is put on sys.path by them)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -235,3 +238,23 @@ def build_tiny_run(root: Path):
     trainer.run()
     final = jax.tree.map(np.asarray, trainer.state.params())
     return root / "workdir", root, final
+
+
+def run_on_cpu_devices(script: str, *args: str, devices: int = 8, timeout: int = 300) -> str:
+    """Run `python -c script *args` in a fresh process that sees `devices` virtual CPU devices
+    (XLA reads the flag only at start-up), from the repository root; returns its stdout and
+    fails the test with its stderr when it exits non-zero."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
