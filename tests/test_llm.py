@@ -393,6 +393,65 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(saved, scan):
     assert np.array_equal(v["cache"]["cache_mask"][:, : P + N], mask)
 
 
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
+def test_prefix_keys_and_values_continue_a_forward(saved, scan, remat):
+    """keep_kv=P returns each layer's first P keys and values; a second call on the tokens after
+    them, given those (`prefix_kv`) and the prefix's mask, equals the tail of one full call,
+    PLoRA on in the tail included (BLSP-KD's student starts from the teacher's prompt this way),
+    and its gradient wrt the tail's inputs and LoRA weights is the full call's."""
+    path, _ = saved["llama_gqa_llama3"]
+    config = llm.LLMConfig.from_hf(hf.read_config(path), scan_layers=scan, remat=remat)
+    config = config.with_lora(rank=4, alpha=8.0)
+    base = llm.params_from_hf(config, hf.read_state_dict(path))
+    lora = jax.tree.map(lambda x: x + 0.1, llm.init_lora_params(config, jax.random.key(0)))
+    params = llm.merge_params(base, lora)
+    module = llm.LLM(config)
+    P, L = 5, 12
+    ids = jnp.asarray(_ids(8, (2, L)))
+    mask = jnp.ones((2, L), bool).at[1, 9:].set(False)  # row 1: right padding
+    lora_mask = jnp.zeros((2, L)).at[:, P + 1 : P + 4].set(1.0)
+    embeds = module.apply({"params": params}, ids, method=llm.LLM.embed)
+
+    def full(lora, x):
+        return module.apply(
+            {"params": llm.merge_params(base, lora)},
+            inputs_embeds=x,
+            attention_mask=mask,
+            lora_mask=lora_mask,
+            return_hidden=True,
+        )[:, P:]
+
+    hidden, kv = jax.jit(
+        lambda: module.apply(
+            {"params": params}, ids, attention_mask=mask, return_hidden=True, keep_kv=P
+        )
+    )()
+    heads, dh = config.num_kv_heads, config.head_dim
+    assert kv["k"].shape == kv["v"].shape == (config.num_layers, 2, P, heads, dh)
+
+    def tail(lora, x):
+        return module.apply(
+            {"params": llm.merge_params(base, lora)},
+            inputs_embeds=x,
+            attention_mask=mask[:, P:],
+            lora_mask=lora_mask[:, P:],
+            return_hidden=True,
+            prefix_kv=kv,
+            prefix_mask=mask[:, :P],
+        )
+
+    want, got = jax.jit(full)(lora, embeds), jax.jit(tail)(lora, embeds[:, P:])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The first call is the plain forward (LoRA off without a mask).
+    zero = jax.tree.map(jnp.zeros_like, lora)
+    np.testing.assert_allclose(hidden[:, P:], full(zero, embeds), rtol=1e-5, atol=1e-5)
+    g_full = jax.grad(lambda lo, x: jnp.sum(full(lo, x) ** 2), argnums=(0, 1))(lora, embeds)
+    g_tail = jax.grad(lambda lo, x: jnp.sum(tail(lo, x) ** 2), argnums=(0, 1))(lora, embeds[:, P:])
+    for a, b in zip(jax.tree.leaves(g_tail[0]), jax.tree.leaves(g_full[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    np.testing.assert_allclose(g_tail[1], g_full[1][:, P:], rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # PLoRA.
 

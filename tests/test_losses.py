@@ -675,3 +675,35 @@ _PER_DEVICE_SCRIPT = textwrap.dedent(
 def test_per_device_tiles_under_a_mesh_match_single_device_and_formula():
     # Under jax.set_mesh (as the trainer traces its step) each device tiles the rows it holds.
     assert "per-device tiles == single device == formula" in run_on_cpu_devices(_PER_DEVICE_SCRIPT)
+
+
+def test_only_tiles_holding_weighted_rows_touch_the_vocabulary():
+    """Weighted rows are gathered to the front before tiling and the tiles past them are skipped
+    at run time: 5 weighted rows of 40 in tiles of 8 run one tile, not five; outputs return to
+    their rows, and the loss equals the formula."""
+    calls = []
+
+    def fn(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x * 2.0
+
+    x = jnp.arange(40.0)[:, None] + jnp.zeros((40, 3))
+    active = jnp.zeros(40, bool).at[jnp.asarray([3, 9, 17, 30, 39])].set(True)
+    out = jax.jit(lambda x, a: losses._map_row_tiles(fn, (x,), 8, a))(x, active)
+    jax.effects_barrier()
+    assert len(calls) == 1
+    rows = np.asarray(active)
+    np.testing.assert_array_equal(np.asarray(out)[rows], 2 * np.asarray(x)[rows])
+
+    calls.clear()  # every row weighted: every tile runs
+    jax.jit(lambda x, a: losses._map_row_tiles(fn, (x,), 8, a))(x, jnp.ones(40, bool))
+    jax.effects_barrier()
+    assert len(calls) == 5
+
+    # Weighted rows scattered over the batch, tiles of 4: value and gradient as the formula's.
+    s, t, w_head, weights = _inputs(40, zero_rows=tuple(i for i in range(40) if i % 7))
+    value, g_s = jax.jit(
+        jax.value_and_grad(lambda a: losses.kd_kl(a, t, w_head, weights, tile_rows=4))
+    )(s)
+    _close(value, np_kd_kl(s, t, w_head, weights, 2.0), 1e-5)
+    _close(g_s, jax.grad(ref_kd_kl)(s, t, w_head, weights, 2.0), 1e-5)

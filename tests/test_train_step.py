@@ -1,5 +1,6 @@
 """The composed model, loss positions, trainable/frozen split and the sharded train step."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from tiny import random_batch, tiny_config
 
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, splice_speech
-from blspkd_jax.models.llm import LLM
+from blspkd_jax.models.llm import LLM, is_lora_path
 from blspkd_jax.training import flops, optim, train_state, weights
 from blspkd_jax.training.objective import LossConfig, compute_losses, loss_rows
 
@@ -89,6 +90,36 @@ def test_student_with_transcript_and_zero_lora_mask_is_teacher(model_and_params)
             np.asarray(on[b, : first[b]]), np.asarray(teacher[b, : first[b]])
         )
         assert np.abs(np.asarray(on[b, first[b]] - teacher[b, first[b]])).max() > 1e-4
+
+
+def test_student_from_the_teachers_prefix_equals_the_full_student(model_and_params):
+    """shared_prefix=P (no speech before P): the student starts from the teacher's keys and values
+    at P; hidden states, every loss and the gradients of what trains (encoder, adapter, LoRA)
+    equal the full computation's to float rounding."""
+    model, params, batch = model_and_params
+    P = int(np.argmax(batch["speech_mask"], axis=1).min())
+    assert P >= 2
+    full = jax.jit(model.apply)({"params": params}, batch)
+    shared = jax.jit(functools.partial(model.apply, shared_prefix=P))({"params": params}, batch)
+    for a, b in zip(full[:2], shared[:2], strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+    cfg = LossConfig(response_ce=0.5)
+
+    def grads(prefix):
+        fn = lambda p: compute_losses(model, p, batch, cfg, shared_prefix=prefix)  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+    (_, m_full), g_full = grads(0)
+    (_, m_shared), g_shared = grads(P)
+    for k in m_full:
+        np.testing.assert_allclose(m_shared[k], m_full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    flat_full, flat_shared = optim.flatten(g_full), optim.flatten(g_shared)
+    trained = [k for k in flat_full if not k.startswith("llm/") or is_lora_path(k)]
+    assert any(is_lora_path(k) for k in trained)
+    for k in trained:
+        scale = float(np.abs(flat_full[k]).max()) or 1.0
+        np.testing.assert_allclose(flat_shared[k], flat_full[k], atol=1e-5 * scale, err_msg=k)
 
 
 def _transcript_embeddings(text, speech_mask):

@@ -160,6 +160,9 @@ class Index:
     num_samples: np.ndarray  # int64 [R]: samples of the segment at that rate
     frames: np.ndarray  # int64 [R]: mel frames after resampling to 16 kHz
     lengths: np.ndarray  # int64 [R]: teacher sequence length
+    prefixes: (
+        np.ndarray
+    )  # int64 [R]: tokens before the transcript (system, user header, instruction)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -239,6 +242,9 @@ def build_index(
         num_samples=np.array([x.num_samples for x in infos], np.int64),
         frames=np.array([audio_lib.num_frames(x.num_samples_16k) for x in infos], np.int64),
         lengths=np.asarray(lengths[idx], np.int64),
+        prefixes=np.array(
+            [len(layout.template(rows[i].instruction).prefix) for i in idx], np.int64
+        ),
     )
     return index, bad
 
@@ -451,10 +457,16 @@ class DataPipeline:
                 len(self.bad_rows) + len(self.index),
                 self._skipped_path() or "the pipeline's bad_rows",
             )
+        # No example's transcript starts before this position: the train step may let the
+        # student reuse the teacher's keys and values up to here (`StepConfig.shared_prefix`).
+        self.shared_prefix = int(self.index.prefixes.min())
         self.plan = make_plan(
-            self.index,
-            config,
-            config.batch_size_per_process * process_count,
+            self.index.frames,
+            self.index.lengths,
+            config.frame_buckets,
+            config.token_buckets,
+            global_batch=config.batch_size_per_process * process_count,
+            seed=config.seed,
             shuffle=train and config.shuffle,
         )
         self.num_batches = sys.maxsize if train else self.plan.batches_per_epoch

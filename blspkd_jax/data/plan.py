@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from blspkd_jax.data.pipeline import DataConfig, Index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +56,25 @@ class Plan:
         return rows, ids
 
 
-def make_plan(index: Index, config: DataConfig, global_batch: int, shuffle: bool) -> Plan:
-    f = np.searchsorted(np.asarray(config.frame_buckets), index.frames, side="left")
-    t = np.searchsorted(np.asarray(config.token_buckets), index.lengths, side="left")
+def make_plan(
+    frames: np.ndarray,
+    lengths: np.ndarray,
+    frame_buckets: Sequence[int],
+    token_buckets: Sequence[int],
+    *,
+    global_batch: int,
+    seed: int,
+    shuffle: bool,
+) -> Plan:
+    """Each row (`frames` [R] feature frames, `lengths` [R] text tokens) in the smallest bucket
+    that holds it."""
+    f = np.searchsorted(np.asarray(frame_buckets), frames, side="left")
+    t = np.searchsorted(np.asarray(token_buckets), lengths, side="left")
     return Plan(
-        buckets=(f * len(config.token_buckets) + t).astype(np.int64),
-        frame_buckets=tuple(config.frame_buckets),
-        token_buckets=tuple(config.token_buckets),
+        buckets=(f * len(token_buckets) + t).astype(np.int64),
+        frame_buckets=tuple(frame_buckets),
+        token_buckets=tuple(token_buckets),
         global_batch=global_batch,
-        seed=config.seed,
+        seed=seed,
         shuffle=shuffle,
     )

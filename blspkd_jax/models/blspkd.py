@@ -56,33 +56,59 @@ class BLSPKD(nn.Module):
         frame_mask = encoder_frame_mask(feature_mask)
         return self.adapter(h, frame_mask, target_lengths, deterministic=deterministic)
 
-    def teacher(self, batch):
-        """The frozen LLM reading the transcript: final hidden states [B, L, H]."""
+    def teacher(self, batch, keep_kv: int = 0):
+        """The frozen LLM reading the transcript: final hidden states [B, L, H] (and the first
+        `keep_kv` positions' per-layer keys and values, see `LLM`)."""
         return self.llm(
-            batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            return_hidden=True,
+            keep_kv=keep_kv,
         )
 
-    def student(self, batch, deterministic=True):
-        """The LLM hearing the speech, PLoRA on at speech positions: (hidden [B, L, H], aux)."""
+    def student(self, batch, deterministic=True, prefix_kv=None):
+        """The LLM hearing the speech, PLoRA on at speech positions: (hidden [B, L, H], aux).
+
+        With `prefix_kv` (the teacher's keys and values of the first P positions, before any
+        speech position) only positions P.. are computed: hidden is then [B, L - P, H].
+        """
         tokens, token_mask, aux = self.speech(
             batch["features"], batch["feature_mask"], batch["text_lengths"], deterministic
         )
-        text = self.llm.embed(batch["input_ids"])
-        embeds = splice_speech(text, tokens, batch["speech_mask"])
+        p = 0 if prefix_kv is None else prefix_kv["k"].shape[2]
+        text = self.llm.embed(batch["input_ids"][:, p:])
+        embeds = splice_speech(text, tokens, batch["speech_mask"][:, p:])
         hidden = self.llm(
             inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            lora_mask=batch["speech_mask"],
+            attention_mask=batch["attention_mask"][:, p:],
+            lora_mask=batch["speech_mask"][:, p:],
             return_hidden=True,
             deterministic=deterministic,
+            prefix_kv=prefix_kv,
+            prefix_mask=None if prefix_kv is None else batch["attention_mask"][:, :p],
         )
         return hidden, {**aux, "token_mask": token_mask}
 
-    def __call__(self, batch, deterministic=True):
+    def __call__(self, batch, deterministic=True, shared_prefix: int = 0):
+        """(student hidden [B, L, H], teacher hidden [B, L, H], aux).
+
+        `shared_prefix = P > 0` promises that no example has a speech position before P (the
+        layout's shortest prompt prefix: system turn, user header, instruction). The two passes
+        read the same tokens there with PLoRA off, so their hidden states, keys and values are
+        equal; the student then starts from the teacher's keys and values at position P instead
+        of computing the prefix again, forward and backward. Equal outputs up to float rounding
+        (tests/test_train_step.py); only valid while the LLM's base weights are frozen, since no
+        gradient reaches the prefix through the teacher.
+        """
         if self.is_initializing():  # the losses read the output head without calling it
             self.llm(batch["input_ids"][:, :1])
-        teacher = jax.lax.stop_gradient(self.teacher(batch))
-        student, aux = self.student(batch, deterministic)
+        if not shared_prefix:
+            teacher = jax.lax.stop_gradient(self.teacher(batch))
+            student, aux = self.student(batch, deterministic)
+            return student, teacher, aux
+        teacher, kv = jax.lax.stop_gradient(self.teacher(batch, keep_kv=shared_prefix))
+        tail, aux = self.student(batch, deterministic, prefix_kv=kv)
+        student = jnp.concatenate([teacher[:, :shared_prefix].astype(tail.dtype), tail], axis=1)
         return student, teacher, aux
 
 

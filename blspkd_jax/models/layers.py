@@ -162,6 +162,11 @@ class Stack(nn.Module):
     Each block is called as `block(x, *args) -> x`; `args` (masks, positions, ...) are shared by all
     layers. With `scan=True` the layers are one `nn.scan` (compile time independent of depth) and
     parameters gain a leading "layers" axis; `remat` picks a policy from `REMAT_POLICIES`.
+
+    `layer_inputs` (a pytree whose leaves have a leading `num_layers` axis, or None) gives layer i
+    its own slice as one more argument, `block(x, *args, inputs_i)`; a block may return
+    `(x, outputs_i)`, and the Stack then returns `(x, outputs)` with each leaf stacked on a leading
+    `num_layers` axis (the LLM passes and returns per-layer keys and values this way).
     """
 
     block_cls: Any
@@ -171,7 +176,7 @@ class Stack(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x, *args):
+    def __call__(self, x, *args, layer_inputs=None):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"remat: unknown policy {self.remat!r}, expected {list(REMAT_POLICIES)}"
@@ -183,19 +188,26 @@ class Stack(nn.Module):
                 block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan
             )
         kwargs = dict(self.block_kwargs)
+        extra = () if layer_inputs is None else (layer_inputs,)
         if not self.scan:
+            outputs = []
             for i in range(self.num_layers):
-                x = block_cls(**kwargs, name=f"layers_{i}")(x, *args)
-            return x
+                mine = jax.tree.map(lambda a, i=i: a[i], extra)
+                x = block_cls(**kwargs, name=f"layers_{i}")(x, *args, *mine)
+                if isinstance(x, tuple):
+                    x, out = x
+                    outputs.append(out)
+            return (x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)) if outputs else x
 
         def body(block, carry, *a):
-            return block(carry, *a), None
+            out = block(carry, *a)
+            return out if isinstance(out, tuple) else (out, None)
 
         scanned = nn.scan(
             body,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(args),
+            in_axes=(nn.broadcast,) * len(args) + (0,) * len(extra),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -206,8 +218,8 @@ class Stack(nn.Module):
                     f"{self.name}: scanned parameters hold {sorted(depths)} layers, but the "
                     f"config says {self.num_layers}"
                 )
-        x, _ = scanned(block_cls(**kwargs, name="layers"), x, *args)
-        return x
+        x, outputs = scanned(block_cls(**kwargs, name="layers"), x, *args, *extra)
+        return x if outputs is None else (x, outputs)
 
 
 def stack_layers(tree: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

@@ -142,14 +142,19 @@ class Attention(nn.Module):
     int32 scalar (first cache slot written by this call; used only when decoding), `lora_mask
     [B, L]` or None. With `decode=True` the "cache" collection holds keys and values
     `[B, S, K, Dh]`; S is fixed when the cache is created (see `init_cache`).
+
+    `prefix_kv` {"k", "v": [B, P, K, Dh]} (keys after RoPE) are P earlier positions' keys and
+    values, attended before this call's own (`mask` is then [B, L, P + L]); `keep_kv = P > 0`
+    returns `(output, {"k", "v"})` with this call's first P keys and values, in that form.
     """
 
     config: LLMConfig
     decode: bool = False
     deterministic: bool = True
+    keep_kv: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index, lora_mask):
+    def __call__(self, x, positions, mask, cache_index, lora_mask, prefix_kv=None):
         c = self.config
         B, L, _ = x.shape
         N, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -179,13 +184,19 @@ class Attention(nn.Module):
                 k, v = ck.value, cv.value
 
         # Each group of N / K query heads shares one key/value head (jax's GQA layout). A fully
-        # masked row (a left-pad query) gets a finite mean of v, never NaN. Outside decoding the
-        # mask holds the causal pattern from slot 0, which cuDNN may exploit (`causal`).
+        # masked row (a left-pad query) gets a finite mean of v, never NaN. Outside decoding and
+        # without a prefix the mask holds the causal pattern from slot 0, which cuDNN may exploit.
         q, k, v = q.astype(c.dtype), k.astype(c.dtype), v.astype(c.dtype)
-        o = attention(q, k, v, mask[:, None], causal=not self.decode)
+        kept = {"k": k[:, : self.keep_kv], "v": v[:, : self.keep_kv]} if self.keep_kv else None
+        if prefix_kv is not None:
+            k = jnp.concatenate([prefix_kv["k"].astype(c.dtype), k], axis=1)
+            v = jnp.concatenate([prefix_kv["v"].astype(c.dtype), v], axis=1)
+        causal = not self.decode and prefix_kv is None
+        o = attention(q, k, v, mask[:, None], causal=causal)
         o = o.reshape(B, L, N * Dh)
         o = nn.with_logical_constraint(o, ("act_batch", "act_len", "act_heads"))
-        return call(lin(c.hidden_size, ("heads", "embed"), "o", c.o_bias, "o_proj"), o)
+        o = call(lin(c.hidden_size, ("heads", "embed"), "o", c.o_bias, "o_proj"), o)
+        return o if kept is None else (o, kept)
 
 
 class MLP(nn.Module):
@@ -206,23 +217,27 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm attention then pre-norm MLP, both residual. `[B, L, H] -> [B, L, H]`."""
+    """Pre-norm attention then pre-norm MLP, both residual. `[B, L, H] -> [B, L, H]` (and the
+    attention's kept keys/values with `keep_kv`; `prefix_kv` as in `Attention`)."""
 
     config: LLMConfig
     decode: bool = False
     deterministic: bool = True
+    keep_kv: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index, lora_mask):
+    def __call__(self, x, positions, mask, cache_index, lora_mask, prefix_kv=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="input_norm")(x)
-        h = Attention(c, self.decode, self.deterministic, name="attn")(
-            h, positions, mask, cache_index, lora_mask
+        h = Attention(c, self.decode, self.deterministic, self.keep_kv, name="attn")(
+            h, positions, mask, cache_index, lora_mask, prefix_kv
         )
+        h, kept = h if self.keep_kv else (h, None)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="post_attn_norm")(x)
         x = x + MLP(c, self.deterministic, name="mlp")(h, lora_mask)
-        return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+        return x if kept is None else (x, kept)
 
 
 class Embedder(nn.Module):
@@ -291,6 +306,12 @@ class LLM(nn.Module):
     - `decode=True` with a "cache" collection (`init_cache`, `mutable=["cache"]`): appends this
       call's keys/values at the cache's write index and attends over everything cached so far;
       use it for a (left-padded) prefill and then one token per call.
+    - `keep_kv=P`: also return every layer's keys and values of the first P positions,
+      `(out, {"k", "v": [layers, B, P, K, Dh]})`.
+    - `prefix_kv` (such a dict) with `prefix_mask [B, P]`: this call's tokens follow those P
+      positions: they attend to them, and positions count on from `prefix_mask.sum(-1)`. The
+      outputs equal the tail of one call over prefix + tokens (BLSP-KD's student reuses the
+      teacher's prompt prefix this way: both passes read the same tokens there).
     """
 
     config: LLMConfig
@@ -318,6 +339,9 @@ class LLM(nn.Module):
         return_hidden=False,
         deterministic=True,
         decode=False,
+        keep_kv=0,
+        prefix_kv=None,
+        prefix_mask=None,
     ):
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -352,6 +376,13 @@ class LLM(nn.Module):
                 q_slot = cache_index + q_slot
                 c_mask.value = key_mask
                 c_index.value = cache_index + L
+        if prefix_kv is not None:
+            if decode or keep_kv:
+                raise ValueError("LLM: prefix_kv is for a plain forward (no decode, no keep_kv)")
+            prefix_mask = prefix_mask.astype(jnp.bool_)
+            offset = jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32)
+            q_slot = prefix_mask.shape[1] + q_slot
+            key_mask = jnp.concatenate([prefix_mask, key_mask], axis=1)
         S = key_mask.shape[1]
         if c.sliding_window is not None and c.sliding_window < S:
             raise ValueError(
@@ -365,17 +396,18 @@ class LLM(nn.Module):
 
         x = Stack(
             DecoderBlock,
-            {"config": c, "decode": decode, "deterministic": deterministic},
+            {"config": c, "decode": decode, "deterministic": deterministic, "keep_kv": keep_kv},
             c.num_layers,
             scan=c.scan_layers,
             remat=c.remat,
             name="blocks",
-        )(x, positions, mask, cache_index, lora_mask)
+        )(x, positions, mask, cache_index, lora_mask, layer_inputs=prefix_kv)
+        x, kept = x if keep_kv else (x, None)
         x = self.norm(x)
-        if return_hidden:
-            return x
-        logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
-        return nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
+        if not return_hidden:
+            x = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
+            x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_vocab"))
+        return x if kept is None else (x, kept)
 
 
 def lm_head_kernel(config: LLMConfig, params) -> jax.Array:

@@ -69,29 +69,64 @@ def _tile_shape(m: int, tile_rows: int) -> tuple[int, int]:
     return n_tiles, min(-(-balanced // 8) * 8, tile_rows)
 
 
-def _map_row_tiles(fn: Callable, rows: tuple[jax.Array, ...], tile_rows: int):
+def _map_row_tiles(
+    fn: Callable, rows: tuple[jax.Array, ...], tile_rows: int, active: jax.Array | None = None
+):
     """`fn(*row_tiles)` over tiles of rows, sequentially (`lax.map`); per-row outputs re-assembled.
 
     `rows` share their leading dimension M; `fn` gets one [t, ...] slice of each and returns a
     pytree of arrays with leading dimension t. Rows are padded with zeros up to a whole number of
-    tiles (the padded outputs are dropped). Tile k takes rows k, k + n_tiles, k + 2 n_tiles, ...:
-    when this runs on global rows sharded in contiguous blocks over a "data" axis (no mesh in
-    context, see `_map_device_row_tiles`), every tile then holds an equal share of every device's
-    rows, so all devices work on every tile instead of taking turns.
+    tiles (the padded outputs are dropped).
+
+    `active [M]` bool (the rows any output is read at) gathers those rows to the front, in their
+    order, before tiling, and skips every tile past the last of them at run time (`lax.cond`):
+    the vocabulary is then evaluated at ceil(count / t) tiles, not at every row (a loss reads
+    about half the rows of a batch: padding, the system turn and the instruction carry none).
+    Outputs at inactive rows are unspecified (callers mask them). The capacity is M itself, so
+    no row is ever dropped.
+
+    Without `active`, tile k takes rows k, k + n_tiles, k + 2 n_tiles, ...: when this runs on
+    global rows sharded in contiguous blocks over a "data" axis (no mesh in context, see
+    `_map_device_row_tiles`), every tile then holds an equal share of every device's rows, so all
+    devices work on every tile instead of taking turns.
     """
     m = rows[0].shape[0]
     n_tiles, tile = _tile_shape(m, tile_rows)
     pad = n_tiles * tile - m
 
-    def split(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(tile, n_tiles, *x.shape[1:]).swapaxes(0, 1)
+    def pad_rows(x):
+        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
-    def merge(y):
-        return y.swapaxes(0, 1).reshape(n_tiles * tile, *y.shape[2:])[:m]
+    if active is None:
 
-    out = lax.map(lambda xs: fn(*xs), tuple(split(x) for x in rows))
-    return jax.tree.map(merge, out)
+        def split(x):
+            return pad_rows(x).reshape(tile, n_tiles, *x.shape[1:]).swapaxes(0, 1)
+
+        def merge(y):
+            return y.swapaxes(0, 1).reshape(n_tiles * tile, *y.shape[2:])[:m]
+
+        out = lax.map(lambda xs: fn(*xs), tuple(split(x) for x in rows))
+        return jax.tree.map(merge, out)
+
+    order = jnp.argsort(~active, stable=True)  # active rows first, each group in row order
+    count = jnp.sum(active, dtype=jnp.int32)
+    tiles = tuple(pad_rows(x[order]).reshape(n_tiles, tile, *x.shape[1:]) for x in rows)
+    shapes = jax.eval_shape(fn, *(x[0] for x in tiles))
+
+    def skip(_):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def one(args):
+        k, xs = args
+        return lax.cond(k * tile < count, lambda xs: fn(*xs), skip, xs)
+
+    out = lax.map(one, (jnp.arange(n_tiles), tiles))
+    inverse = jnp.argsort(order)  # row i sits at position inverse[i] of the gathered order
+
+    def merge_back(y):
+        return y.reshape(n_tiles * tile, *y.shape[2:])[:m][inverse]
+
+    return jax.tree.map(merge_back, out)
 
 
 def _batch_axes() -> tuple[str, ...]:
@@ -103,7 +138,9 @@ def _batch_axes() -> tuple[str, ...]:
     return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
 
 
-def _map_device_row_tiles(fn: Callable, lm_head: jax.Array, rows: tuple, tile_rows: int, dtype):
+def _map_device_row_tiles(
+    fn: Callable, lm_head: jax.Array, rows: tuple, tile_rows: int, dtype, active=None
+):
     """`fn(head, *row_tiles)` over tiles of the rows each device holds, outputs re-assembled.
 
     `lm_head [H, V]` is cast to `dtype` (the hidden states' compute dtype, as the LLM's own head
@@ -113,21 +150,36 @@ def _map_device_row_tiles(fn: Callable, lm_head: jax.Array, rows: tuple, tile_ro
     which is left to the compiler) and each device walks its own M / devices rows `tile_rows` at a
     time. Row i's outputs depend on row i alone, so this equals the loop over global rows. Without
     a mesh, or when the devices do not divide M, it is that global loop (`_map_row_tiles`).
+    `active [M]` (optional) names the rows whose outputs are read; each device gathers and tiles
+    its own, so a device's work follows the rows it holds (`_map_row_tiles`).
     """
     head = lm_head.astype(dtype)
     axes = _batch_axes()
     mesh = jax.sharding.get_abstract_mesh()
     devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
     if devices == 1 or rows[0].shape[0] % devices:
-        return _map_row_tiles(lambda *r: fn(head, *r), rows, tile_rows)
+        # Gathering active rows is local only when nothing splits the rows over devices: a mesh
+        # whose batch axes are 1, or one device. Without a mesh on several devices the rows may
+        # still come split in blocks (jit's in_shardings): the strided tiles keep each device on
+        # its own rows there, where a gather would move them.
+        local = devices == 1 and (not mesh.empty or jax.device_count() == 1)
+        return _map_row_tiles(lambda *r: fn(head, *r), rows, tile_rows, active if local else None)
     spec = PartitionSpec(axes)
+    if active is None:
+        return jax.shard_map(
+            lambda h, *r: _map_row_tiles(lambda *t: fn(h, *t), r, tile_rows),
+            in_specs=(PartitionSpec(), *(spec,) * len(rows)),
+            out_specs=spec,
+            axis_names=frozenset(axes),
+            check_vma=False,
+        )(head, *rows)
     return jax.shard_map(
-        lambda h, *r: _map_row_tiles(lambda *t: fn(h, *t), r, tile_rows),
-        in_specs=(PartitionSpec(), *(spec,) * len(rows)),
+        lambda h, a, *r: _map_row_tiles(lambda *t: fn(h, *t), r, tile_rows, a),
+        in_specs=(PartitionSpec(), spec, *(spec,) * len(rows)),
         out_specs=spec,
         axis_names=frozenset(axes),
         check_vma=False,
-    )(head, *rows)
+    )(head, active, *rows)
 
 
 def _logits(x: jax.Array, lm_head: jax.Array) -> jax.Array:
@@ -201,6 +253,7 @@ def _tiled_weighted_means(
         (x, *aux),
         tile_rows,
         x.dtype,
+        active=jnp.any(weights != 0, axis=1),
     )
     return _weighted_means(rows, weights, columns)
 
@@ -214,7 +267,9 @@ def _tiled_weighted_means_fwd(terms, x, aux, lm_head, weights, columns, tile_row
         # gradient per row (J of them, J <= K) rather than a single pre-scaled one.
         return r, _masked(act, dx).astype(xt.dtype)
 
-    rows, dx = _map_device_row_tiles(tile, lm_head, (x, active, *aux), tile_rows, x.dtype)
+    rows, dx = _map_device_row_tiles(
+        tile, lm_head, (x, active, *aux), tile_rows, x.dtype, active=jnp.any(active, axis=1)
+    )
     return _weighted_means(rows, weights, columns), (dx, _mean_scale(weights))
 
 

@@ -57,12 +57,27 @@ def loss_rows(batch) -> dict[str, jax.Array]:
 
 
 def compute_losses(
-    model: BLSPKD, params, batch, loss_cfg: LossConfig, *, rng=None, deterministic=True
+    model: BLSPKD,
+    params,
+    batch,
+    loss_cfg: LossConfig,
+    *,
+    rng=None,
+    deterministic=True,
+    shared_prefix: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(total loss, metrics) for one batch. Metrics hold every loss term by name, unweighted."""
+    """(total loss, metrics) for one batch. Metrics hold every loss term by name, unweighted.
+
+    `shared_prefix`: positions before every example's first speech position, which the student
+    takes from the teacher instead of computing (`BLSPKD.__call__`); 0 computes everything.
+    """
     rngs = {"dropout": rng} if rng is not None else {}
     student, teacher, aux = model.apply(
-        {"params": params}, batch, deterministic=deterministic, rngs=rngs
+        {"params": params},
+        batch,
+        deterministic=deterministic,
+        shared_prefix=shared_prefix,
+        rngs=rngs,
     )
     B, L, H = student.shape
     head = lm_head_kernel(model.config.llm, params["llm"])

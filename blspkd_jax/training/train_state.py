@@ -46,6 +46,9 @@ class StepConfig:
     trainable: Sequence[str]  # regexes over parameter paths
     loss: LossConfig
     grad_accum_steps: int = 1
+    # Positions before every example's first speech position (the data's shortest prompt
+    # prefix): the student reuses the teacher's keys and values there. 0: compute everything.
+    shared_prefix: int = 0
 
 
 def create_state(
@@ -101,7 +104,15 @@ def make_grad_fn(model: BLSPKD, step_cfg: StepConfig):
 
     def loss_fn(trainable, frozen, batch, rng):
         params = optim.unflatten({**trainable, **frozen})
-        return compute_losses(model, params, batch, step_cfg.loss, rng=rng, deterministic=False)
+        return compute_losses(
+            model,
+            params,
+            batch,
+            step_cfg.loss,
+            rng=rng,
+            deterministic=False,
+            shared_prefix=step_cfg.shared_prefix,
+        )
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
