@@ -11,8 +11,9 @@ torch.optim.AdamW over the same trainable tensors with the same decay mask and l
 (benchmarks/torch_step.py). `tests/test_train_step_bench.py` holds the two steps equal (loss
 terms, gradients, updates).
 
-    .venv/bin/python benchmarks/train_step.py                  # presets tiny and 100m
-    .venv/bin/python benchmarks/train_step.py --quick          # shrunken tiny and 100m, ~1 min
+    .venv/bin/python benchmarks/train_step.py                  # presets tiny, 100m, smollm2
+    .venv/bin/python benchmarks/train_step.py --quick          # their shrunken forms, ~1 min
+    .venv/bin/python benchmarks/train_step.py --ablate         # + JAX recomputing the prefix
     .venv/bin/python benchmarks/train_step.py --preset gpu     # JAX only, bf16, on an accelerator
     .venv/bin/python benchmarks/train_step.py --preset gpu --quick   # its CPU smoke form
 
@@ -24,6 +25,7 @@ Times are the median of `--repeats` steps after warm-up, the frameworks interlea
 so that machine noise hits all alike. MFU = analytic model FLOPs per step / step time / the
 matmul peak measured in the same run (fp32 on CPU; bf16 on an accelerator, and also against the
 nominal H100 dense bf16 peak). XLA's own count for the compiled JAX step is shown beside it.
+The last line printed is one JSON object: {"PRESET": {"jax_ms", "eager_ms", "compile_ms"}, ...}.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -40,14 +43,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PRESET_NAMES = ("tiny", "100m", "gpu")
+PRESET_NAMES = ("tiny", "100m", "smollm2", "gpu")
 H100_BF16_PEAK = 989e12  # NVIDIA H100 SXM dense bf16 FLOP/s (nominal, no sparsity)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--preset", choices=PRESET_NAMES, action="append", help="repeatable (default: tiny, 100m)"
+        "--preset",
+        choices=PRESET_NAMES,
+        action="append",
+        help="repeatable (default: tiny, 100m, smollm2)",
     )
     ap.add_argument("--quick", action="store_true", help="shrunken presets, few steps")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps (default 5, quick 2)")
@@ -58,6 +64,11 @@ def parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         default=None,
         help="time torch.compile too (default: yes, but not with --quick: it compiles for minutes)",
+    )
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time the JAX step with the student recomputing the prompt prefix",
     )
     return ap.parse_args(argv)
 
@@ -229,6 +240,32 @@ def preset(name: str, quick: bool = False) -> Preset:
         return _preset_from_config(
             "gpu", c, batch, False, "bfloat16", note, qkv_bias=True, rope_theta=1e6
         )
+    if name == "smollm2":
+        # The real recipe at small scale (`make demo-smollm2`'s shapes): Whisper tiny.en's encoder
+        # (frozen, variable length), configs/tiny.py's CFormer, SmolLM2-135M-Instruct's LLM
+        # (30 layers, H=576, 9/3 heads, V=49152, tied); stage 2, batch 16 of 5 s / 128 tokens.
+        # The prompt prefix is the demo's: the system turn, user header and instruction (~28
+        # tokens with SmolLM2's tokenizer); transcripts and continuations as in its corpus.
+        c = config_lib.load_config(f"{REPO / 'configs/tiny.py'}:stage2")
+        enc = dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536)
+        llm = dict(
+            model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+            num_layers=30, num_heads=9, num_kv_heads=3, tie_word_embeddings=True,
+        )  # fmt: skip
+        batch = BatchShape(16, 500, 128, prefix=28, middle=5, text=(8, 30), response=(15, 60))
+        if quick:
+            enc = dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128)
+            llm = {**llm, "num_layers": 2, "vocab_size": 4096}
+            batch = BatchShape(2, 300, 64, prefix=20, middle=5, text=(5, 15), response=(5, 20))
+        _set(
+            c,
+            **{"model.encoder.hf_path": "", "model.llm.hf_path": "", "model.llm.lora_rank": 16},
+            **{"train.trainable": ("^adapter/", "lora_")},
+            **{f"model.encoder.{k}": v for k, v in enc.items()},
+            **{f"model.llm.{k}": v for k, v in llm.items()},
+        )
+        note = "Whisper tiny.en encoder + SmolLM2-135M LLM (stage 2: CFormer and PLoRA trained)"
+        return _preset_from_config("smollm2", c, batch, True, "float32", note, rope_theta=100000.0)
     raise ValueError(f"--preset: expected one of {PRESET_NAMES}, got {name!r}")
 
 
@@ -300,12 +337,15 @@ def random_params(
 # JAX: the project's train step
 
 
-def jax_step(p: Preset, flat_params, batch, mesh=None):
+def jax_step(p: Preset, flat_params, batch, mesh=None, shared_prefix: bool = True):
     """(compiled step, state, global batch, XLA stats, compile seconds) for preset `p`, its
-    parameters set to `flat_params` (host arrays) and the state donated to each step."""
+    parameters set to `flat_params` (host arrays) and the state donated to each step. With
+    `shared_prefix` the student reuses the teacher's prompt prefix, as the trainer does."""
     mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = BLSPKD(p.model)
-    step_cfg = train_state.StepConfig(trainable=p.trainable, loss=p.loss)
+    step_cfg = train_state.StepConfig(
+        trainable=p.trainable, loss=p.loss, shared_prefix=p.batch.prefix if shared_prefix else 0
+    )
     tx, _ = optim.make_optimizer(**p.optim)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     params = weights.place_params(model, mesh, flat_params)
@@ -392,8 +432,14 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_preset(p: Preset, repeats: int, warmup: int, compile_torch: bool = True, log=print):
-    """Time every framework on preset `p`; returns a dict of results for `report`."""
+NO_PREFIX = "JAX (jit), prefix recomputed"
+
+
+def run_preset(
+    p: Preset, repeats: int, warmup: int, compile_torch: bool = True, ablate=False, log=print
+):
+    """Time every framework on preset `p`; returns a dict of results for `report`. `ablate` adds
+    the JAX step without the shared prompt prefix (`NO_PREFIX`)."""
     batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
     shapes = {k: v.shape for k, v in optim.flatten(param_shapes(p.model)).items()}
     flat = random_params(p.model, seed=0)
@@ -417,6 +463,17 @@ def run_preset(p: Preset, repeats: int, warmup: int, compile_torch: bool = True,
     runners = {"JAX (jit)": jax_fn}
     first = {}
     firsts = {"JAX (jit)": compile_s}
+    if ablate:  # the same step with the student recomputing the prompt prefix
+        compiled0, state0, _, _, compile0 = jax_step(p, flat, batch, shared_prefix=False)
+        box0 = {"state": state0}
+
+        def jax_full_fn():
+            box0["state"], m = compiled0(box0["state"], gbatch, rng)
+            jax.block_until_ready((box0["state"], m))
+            return m
+
+        runners[NO_PREFIX] = jax_full_fn
+        firsts[NO_PREFIX] = compile0
     tmp = contextlib.ExitStack()
     if p.torch:
         torch_dir = tmp.enter_context(tempfile.TemporaryDirectory())
@@ -442,7 +499,7 @@ def run_preset(p: Preset, repeats: int, warmup: int, compile_torch: bool = True,
             del runners[label]
             continue
         dt = time.perf_counter() - t0
-        firsts[label] = firsts.get(label, 0.0) + dt if label == "JAX (jit)" else dt
+        firsts[label] = firsts.get(label, 0.0) + dt if label.startswith("JAX") else dt
         first[label] = {k: float(m[k]) for k in ("loss", *LOSS_NAMES) if k in m}
         log(f"[{p.name}] {label}: first step {dt:.2f} s, loss {first[label]['loss']:.6f}")
     for _ in range(warmup - 1):
@@ -500,6 +557,9 @@ def report(res: dict, peak: float, peak_label: str, nominal: float | None = None
     if len(losses) > 1:
         names = [k for k in losses["JAX (jit)"]]
         others = [k for k in losses if k != "JAX (jit)"]
+        # The ablation row computes the same losses; the table compares frameworks.
+        losses = {k: v for k, v in losses.items() if k != NO_PREFIX}
+        others = [k for k in others if k != NO_PREFIX]
         lines += ["", "| first-step loss | " + " | ".join(losses) + " | max abs diff |"]
         lines.append("|---|" + "---|" * (len(losses) + 1))
         for name in names:
@@ -511,7 +571,7 @@ def report(res: dict, peak: float, peak_label: str, nominal: float | None = None
 
 
 def main(args) -> int:
-    names = args.preset or ["tiny", "100m"]
+    names = args.preset or ["tiny", "100m", "smollm2"]
     accelerator = jax.default_backend() != "cpu"
     if "gpu" in names and not accelerator and not args.quick:
         print(
@@ -527,6 +587,7 @@ def main(args) -> int:
     load_before = os.getloadavg()
     peaks = {}
     out = []
+    summary = {}
     for name in names:
         p = preset(name, args.quick)
         if p.peak_dtype not in peaks:
@@ -534,7 +595,17 @@ def main(args) -> int:
             peaks[p.peak_dtype] = measure_matmul_peak(n, dtype=p.peak_dtype)
         peak = peaks[p.peak_dtype]
         compile_torch = args.compile if args.compile is not None else not args.quick
-        res = run_preset(p, repeats, warmup, compile_torch=compile_torch)
+        res = run_preset(p, repeats, warmup, compile_torch=compile_torch, ablate=args.ablate)
+        summary[name] = {
+            key: round(res["rows"][label]["time"] * 1e3, 1)
+            for key, label in (
+                ("jax_ms", "JAX (jit)"),
+                ("eager_ms", "PyTorch eager"),
+                ("compile_ms", "PyTorch torch.compile"),
+                ("jax_prefix_recomputed_ms", NO_PREFIX),
+            )
+            if "time" in res["rows"].get(label, {})
+        }
         label = f"measured {p.peak_dtype} matmul {peak / 1e9:.1f} GFLOP/s"
         nominal = H100_BF16_PEAK if name == "gpu" else None
         out.append(report(res, peak, label, nominal))
@@ -555,6 +626,7 @@ def main(args) -> int:
             "on a quiet machine or with --threads 1.\n"
         )
     print("\n".join(out))
+    print(json.dumps(summary))  # the last line: {"PRESET": {"jax_ms", "eager_ms", ...}, ...}
     return 0
 
 

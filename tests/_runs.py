@@ -74,7 +74,7 @@ def start(args, log: Path, env_extra=None, cwd=REPO) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def start_processes(args, logs: list[Path], devices_per_process: int = 1):
+def start_processes(args, logs: list[Path], devices_per_process: int = 1, env_extra=None, cwd=REPO):
     """len(logs) processes of one job on 127.0.0.1 (gloo), as launch/multiprocess.py starts them."""
     port = free_port()
     return [
@@ -82,11 +82,13 @@ def start_processes(args, logs: list[Path], devices_per_process: int = 1):
             args,
             log,
             {
+                **(env_extra or {}),
                 "BLSPKD_COORDINATOR": f"127.0.0.1:{port}",
                 "BLSPKD_NUM_PROCESSES": str(len(logs)),
                 "BLSPKD_PROCESS_ID": str(p),
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
             },
+            cwd=cwd,
         )
         for p, log in enumerate(logs)
     ]

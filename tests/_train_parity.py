@@ -36,12 +36,14 @@ def main():
     from blspkd_jax.training.objective import LossConfig
 
     model = BLSPKD(tiny_config())
+    batches = [random_batch(100 + i) for i in range(args.steps)]
     step_cfg = train_state.StepConfig(
         trainable=("^adapter/", "lora_"),
         loss=LossConfig(response_ce=0.5),
         grad_accum_steps=args.accum,
+        # As the trainer runs: the student starts from the teacher's prompt prefix.
+        shared_prefix=min(int(np.argmax(b["speech_mask"], 1).min()) for b in batches),
     )
-    batches = [random_batch(100 + i) for i in range(args.steps)]
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
     results = {}
     for spec in args.meshes:

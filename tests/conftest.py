@@ -27,9 +27,28 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
     """(workdir, assets dir, final params) of one tiny trained run (`tiny.build_tiny_run`), shared
-    by every test file that needs a trained workdir."""
+    by every test file that needs a trained workdir (tests only read it). Under pytest-xdist the
+    first worker to ask builds it in the session's shared temporary folder and the others wait
+    for it and load it, instead of training it once per worker."""
+    import numpy as np
+    from filelock import FileLock
     from tiny import build_tiny_run
 
-    return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    from blspkd_jax.training import optim
+
+    if worker_id == "master":  # no xdist: this process is the whole session
+        return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    root = tmp_path_factory.getbasetemp().parent / "tiny_run"
+    params = root.with_suffix(".params.npz")  # written last: its presence means "built"
+    with FileLock(str(root) + ".lock"):
+        if not params.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
+            root.mkdir()
+            workdir, _, final = build_tiny_run(root)
+            np.savez(str(params) + ".tmp.npz", **optim.flatten(final))
+            os.replace(str(params) + ".tmp.npz", params)
+    with np.load(params) as data:
+        final = optim.unflatten({k: data[k] for k in data.files})
+    return root / "workdir", root, final

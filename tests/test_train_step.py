@@ -311,7 +311,8 @@ def _run(args, **kw):
 @pytest.mark.slow
 def test_meshes_match_single_device(tmp_path):
     out = tmp_path / "r.npz"
-    proc = _run(["--out", str(out), "--devices", "8", "--meshes", "1,1,1", "1,8,1", "2,2,2"])
+    # data x fsdp x tensor all split at once (the same mesh over 2 processes: tests/test_train.py;
+    # parameters over FSDP=8: tests/test_load_sharded.py).
+    proc = _run(["--out", str(out), "--devices", "8", "--meshes", "1,1,1", "2,2,2"])
     assert proc.wait(timeout=600) == 0
-    for spec in ("1,8,1", "2,2,2"):
-        _assert_same_run(out, "1,1,1", out, spec)
+    _assert_same_run(out, "1,1,1", out, "2,2,2")
