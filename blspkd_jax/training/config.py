@@ -206,6 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval_every_steps = 0  # 0: only at the end
     c.eval_max_batches = 0  # 0: the whole eval manifest
+    # Stop after this many skipped (non-finite) steps in a row. The host counts them on the
+    # device and reads the count at log and checkpoint steps only, so the run stops at the
+    # first of those after the streak (and saves no checkpoint after it).
     c.max_consecutive_nonfinite = 5
     c.peak_tflops_per_device = 0.0  # for MFU; 0: measure this device's matmul peak at start
 

@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD
@@ -166,23 +167,65 @@ def consistency_sums(model: BLSPKD, params, batch, loss_cfg: LossConfig) -> dict
     return out
 
 
+def consistency_fn(model: BLSPKD, loss_cfg: LossConfig):
+    """`consistency_sums` jitted for `model` and `loss_cfg`: `(params, batch) -> sums`. Build it
+    once and pass it to every `consistency()` call of a run, so that each eval batch shape
+    compiles once, not at every evaluation (a new jitted function would trace and compile anew)."""
+    return jax.jit(functools.partial(consistency_sums, model, loss_cfg=loss_cfg))
+
+
+def cast_features(batch: dict, dtype) -> dict:
+    """`batch` (host arrays) with its log-mel `features` [B, n_mels, F] cast to `dtype`, the
+    encoder's compute dtype. The encoder's first op casts them to it anyway, so the result is the
+    same, but bfloat16 halves the bytes sent to the device; float32 features stay as they are."""
+    dtype = jnp.dtype(dtype)
+    if batch["features"].dtype == dtype:
+        return batch
+    return {**batch, "features": np.asarray(batch["features"]).astype(dtype)}
+
+
+# Eval batches dispatched but not finished that `consistency` lets pile up: the device has the next
+# one queued while the host decodes, and a long eval set never sits in device memory at once.
+EVAL_IN_FLIGHT = 2
+
+
 def consistency(
-    model: BLSPKD, params, pipeline, mesh, loss_cfg: LossConfig, *, max_batches: int = 0
+    model: BLSPKD,
+    params,
+    pipeline,
+    mesh,
+    loss_cfg: LossConfig,
+    *,
+    max_batches: int = 0,
+    sums_fn=None,
 ) -> dict[str, float]:
-    """Consistency metrics over an eval pipeline (one ordered pass, or `max_batches`)."""
-    step = jax.jit(functools.partial(consistency_sums, model, loss_cfg=loss_cfg))
-    totals: dict[str, list[float]] = {k: [0.0, 0.0] for k in CONSISTENCY_KEYS}
+    """Consistency metrics over an eval pipeline (one ordered pass, or `max_batches`).
+
+    `sums_fn`: `consistency_fn(model, loss_cfg)`, kept by a caller that evaluates repeatedly (the
+    trainer); by default a new one (which compiles). The host reads the device once, at the end:
+    each batch is dispatched and the next one decoded while it runs, and the per-batch sums are
+    added up on the host in float64, in batch order.
+    """
+    if sums_fn is None:
+        sums_fn = consistency_fn(model, loss_cfg)
+    dtype = model.config.encoder.dtype
+    results = []
     it = iter(pipeline)
     try:
         for i, batch in enumerate(it):
             if max_batches and i >= max_batches:
                 break
             batch.pop("line", None)
+            batch = cast_features(batch, dtype)
             with sharding.activate(mesh):
-                sums = step(params, global_batch(mesh, batch))
-            for k, (num, den) in jax.device_get(sums).items():
-                totals[k][0] += float(num)
-                totals[k][1] += float(den)
+                results.append(sums_fn(params, global_batch(mesh, batch)))
+            if len(results) > EVAL_IN_FLIGHT:
+                jax.block_until_ready(results[-EVAL_IN_FLIGHT - 1])
     finally:
         it.close()
+    totals: dict[str, list[float]] = {k: [0.0, 0.0] for k in CONSISTENCY_KEYS}
+    for sums in jax.device_get(results):
+        for k, (num, den) in sums.items():
+            totals[k][0] += float(num)
+            totals[k][1] += float(den)
     return {k: (num / den if den else float("nan")) for k, (num, den) in totals.items()}

@@ -7,10 +7,17 @@ config, metrics, TensorBoard events and checkpoints all go there (`data.storage`
 of a pod writes to one place and a rerun on other machines resumes from it. Rerunning resumes
 exactly: the data iterator's position is checkpointed with the state. A preemption (SIGTERM,
 agreed on by every process through orbax) or Ctrl-C saves and exits.
+
+The host never waits for the device between sync points (log steps, checkpoints, evaluation, a
+stop): every bucket's step is compiled before the first, each step is dispatched and the next
+batch read, decoded and sent while it runs, and the per-step counts (tokens, skipped steps, the
+run of non-finite ones) add up on the device until the next sync point reads them.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import logging
 import math
@@ -23,6 +30,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from blspkd_jax.data import storage
 from blspkd_jax.data.pipeline import eval_pipeline, train_pipeline
@@ -30,7 +39,7 @@ from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, example_batch
 from blspkd_jax.training import build, checkpoint, optim, train_state, weights
 from blspkd_jax.training import config as config_lib
-from blspkd_jax.training.objective import consistency
+from blspkd_jax.training.objective import cast_features, consistency, consistency_fn
 
 log = logging.getLogger("blspkd_jax.train")
 
@@ -97,6 +106,36 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> f
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+# Steps dispatched but not finished that the host lets pile up before it reads the next batch:
+# enough that the device always has the next step queued while the host fetches, few enough
+# that a fast input pipeline cannot stack a whole log window's batches in device memory.
+MAX_STEPS_IN_FLIGHT = 2
+
+TALLY_KEYS = ("skipped", "tokens", "run", "tripped", "steps")
+
+
+def _tally_step(tally: dict, skipped: jax.Array, tokens: jax.Array, limit: int) -> dict:
+    """One step's `skipped` and `num_tokens` added to the device-side tally since the last sync
+    point (int32 scalars).
+
+    skipped / tokens: sums over the steps; steps: how many steps; run: the current streak of
+    skipped (non-finite) steps, carried across sync points; tripped: the step count (1-based,
+    since the last sync) at which the streak first reached `limit`, 0 if it has not. The host
+    reads it only at sync points, so nothing here waits for the device.
+    """
+    skipped = skipped.astype(jnp.int32)
+    run = jnp.where(skipped > 0, tally["run"] + 1, 0)
+    steps = tally["steps"] + 1
+    tripped = jnp.where((tally["tripped"] == 0) & (run >= limit), steps, tally["tripped"])
+    return {
+        "skipped": tally["skipped"] + skipped,
+        "tokens": tally["tokens"] + tokens.astype(jnp.int32),
+        "run": run,
+        "tripped": tripped,
+        "steps": steps,
+    }
 
 
 # What a resumed run may change: how long it runs, what it logs and where it runs, not what or
@@ -306,8 +345,16 @@ class Trainer:
         n_frozen = optim.count_params(self.state.frozen)
         log.info("parameters: %d trainable, %d frozen", n_train, n_frozen)
         self.step_fn = train_state.make_train_step(self.model, self.step_cfg, self.tx)
+        # Features go to the device in the encoder's compute dtype, cast on the host: its first
+        # op casts them to that dtype anyway, bfloat16 halves the bytes sent, and the step is
+        # compiled ahead of time for exactly this dtype.
+        self.feature_dtype = jnp.dtype(self.model_cfg.encoder.dtype)
         self.compiled: dict[tuple[int, int], object] = {}
-        self.flops_per_step = -1.0
+        self.compile_stats: dict[tuple[int, int], dict] = {}
+        self.flops_per_step = -1.0  # the largest bucket's
+        # One jitted evaluation for the whole run: each eval batch shape compiles once, not once
+        # per evaluation.
+        self._consistency = consistency_fn(self.model, self.loss_cfg)
         self.ckpt = checkpoint.manager(self.workdir, keep=config.keep_checkpoints)
         self.iterator = iter(self.train_data)
         restored = checkpoint.restore(self.ckpt, self.state)
@@ -315,32 +362,119 @@ class Trainer:
             self.state, data_state = restored
             if data_state:
                 self.iterator.set_state(data_state)
-            log.info("resumed from step %d", int(self.state.step))
+        # The steps taken, counted on the host: the state's own counter lives on the device, and
+        # reading it would wait for the step in flight.
+        self.step = int(self.state.step)
+        # The iterator's position after the batches the steps so far consumed: what a checkpoint
+        # holds. While a step runs the iterator is a batch further on (`run` prefetches), and a
+        # resumed run must read that batch again.
+        self._data_state = self.iterator.get_state()
+        if restored is not None:
+            log.info("resumed from step %d", self.step)
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._tally = jax.jit(
+            functools.partial(_tally_step, limit=int(config.max_consecutive_nonfinite))
+        )
 
     def _compiled_step(self, frames: int, tokens: int):
+        """The train step compiled for batches of `frames` mel frames and `tokens` tokens."""
         key = (frames, tokens)
         if key not in self.compiled:
             abstract_state = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state
             )
+            batch = example_batch(self.model_cfg, self.config.batch_size, frames, tokens)
+            features = batch["features"]
+            batch["features"] = jax.ShapeDtypeStruct(features.shape, self.feature_dtype)
             self.compiled[key], stats = train_state.compile_train_step(
                 self.step_fn,
                 self.state_shardings,
                 self.mesh,
                 abstract_state,
-                example_batch(self.model_cfg, self.config.batch_size, frames, tokens),
-                log=log.info,
+                batch,
+                log=lambda _: None,  # `compile_steps` logs one line per bucket instead
             )
-            # MFU uses the largest bucket's FLOPs as reported; smaller buckets report less work.
+            self.compile_stats[key] = stats
             self.flops_per_step = max(self.flops_per_step, stats["flops"])
         return self.compiled[key]
 
+    def compile_steps(self) -> None:
+        """Compile the train step ahead of time for every bucket that holds rows (a line per
+        bucket as it goes), then log the memory of the largest once: no step compiles mid-run,
+        and the worst case is known before the first step."""
+        shapes = [s for s in self.train_data.shapes if s not in self.compiled]
+        for i, (frames, tokens) in enumerate(shapes):
+            t = time.perf_counter()
+            self._compiled_step(frames, tokens)
+            log.info(
+                "train step %d/%d compiled: bucket of %d frames x %d tokens, %.2f GFLOPs/step "
+                "per device, %.1f s",
+                i + 1,
+                len(shapes),
+                frames,
+                tokens,
+                self.compile_stats[frames, tokens]["flops"] / 1e9,
+                time.perf_counter() - t,
+            )
+        if shapes:
+            self._log_memory()
+        # The tally's own small program, so that nothing at all compiles once steps run.
+        zero = self._new_tally()
+        self._tally(zero, zero["skipped"], zero["tokens"])
+
+    def _log_memory(self) -> None:
+        key = max(self.compile_stats, key=lambda k: self.compile_stats[k]["temp_bytes"])
+        s = self.compile_stats[key]
+        if s["temp_bytes"] < 0:
+            log.info("train step memory: not reported by the %s backend", jax.default_backend())
+            return
+        log.info(
+            "train step memory per device (largest bucket, %d frames x %d tokens): temp %.1f MiB,"
+            " args %.1f MiB, outputs %.1f MiB",
+            *key,
+            s["temp_bytes"] / 2**20,
+            s["argument_bytes"] / 2**20,
+            s["output_bytes"] / 2**20,
+        )
+
+    def _next_batch(self) -> tuple[dict[str, jax.Array], tuple[int, int]]:
+        """The next training batch on the mesh (features in the compute dtype) and its bucket
+        shape (F, L). The device copy starts at once; it overlaps the step in flight."""
+        batch = next(self.iterator)
+        batch.pop("line", None)
+        batch = cast_features(batch, self.feature_dtype)
+        shape = (batch["features"].shape[-1], batch["input_ids"].shape[-1])
+        if shape not in self.compiled:  # only if the plan's buckets missed one: never expected
+            log.warning("train step for %d frames x %d tokens compiles mid-run", *shape)
+            self._compiled_step(*shape)
+            self._log_memory()
+        return sharding.global_batch(self.mesh, batch), shape
+
+    def _new_tally(self, run: int = 0) -> dict[str, jax.Array]:
+        """A zero tally (`_tally_step`) that carries the streak of non-finite steps `run`."""
+        values = {k: np.int32(run if k == "run" else 0) for k in TALLY_KEYS}
+        return jax.device_put(values, self._replicated)
+
+    def _read(self, tree):
+        """Every device value the training loop reads passes here, and only at sync points (log
+        steps, checkpoints, a stop): anywhere else a read would make the host wait for the step in
+        flight, and the device for the host."""
+        return jax.device_get(tree)
+
     def save(self, force: bool = False) -> None:
-        step = int(self.state.step)
-        if step != self.ckpt.latest_step():  # the end of a run may land on a periodic save
-            checkpoint.save(self.ckpt, self.state, self.iterator.get_state(), force=force)
+        if self.step != self.ckpt.latest_step():  # the end of a run may land on a periodic save
+            checkpoint.save(self.ckpt, self.state, self._data_state, force=force)
 
     def run(self) -> dict:
+        """Train from the current step to `total_steps`; returns the last logged metrics (with
+        the final evaluation's, prefixed "eval/").
+
+        The host loop: dispatch step k (asynchronous), note the iterator's position, add the
+        step's counts to the device-side tally, then read, decode and send batch k + 1 while step
+        k runs. The host reads the device only at sync points: log steps (the metrics and the
+        tally), checkpoint steps and a stop (the tally, so that no checkpoint follows a run of
+        `max_consecutive_nonfinite` skipped steps), and evaluation.
+        """
         config = self.config
         writer = MetricWriter(self.workdir, self.is_main)
         log.info(
@@ -355,46 +489,74 @@ class Trainer:
         compute = jnp.dtype(config.model.llm.dtype)
         peak = config.peak_tflops_per_device * 1e12 or measure_matmul_peak(dtype=compute)
         rng = jax.random.PRNGKey(config.seed)
-        start = int(self.state.step)
         bar = None
         if self.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step")
-        consecutive_bad, total_skipped = 0, 0
+            bar = tqdm(total=config.total_steps, initial=self.step, desc="train", unit="step")
+        total_skipped = 0
         last = {}
-        window_tokens, window_start = 0, time.perf_counter()
+        tally, tally_start = self._new_tally(), self.step  # the steps since the last sync point
+        in_flight: collections.deque = collections.deque()
+        # Since the last log row: the steps, their tokens (from the tally) and their FLOPs (the
+        # compiled buckets', known on the host).
+        window_first, window_tokens, window_flops = self.step, 0, 0.0
+        window_start = time.perf_counter()
         try:
-            while int(self.state.step) < config.total_steps:
-                batch = next(self.iterator)
-                batch.pop("line", None)
-                F, L = batch["features"].shape[-1], batch["input_ids"].shape[-1]
-                step_fn = self._compiled_step(F, L)
-                gbatch = sharding.global_batch(self.mesh, batch)
-                self.state, metrics = step_fn(self.state, gbatch, rng)
-                step = int(self.state.step)
-                stop.started()  # the first step is compiled and done: a signal now saves
-                skipped = int(metrics["skipped"])
-                total_skipped += skipped
-                consecutive_bad = consecutive_bad + 1 if skipped else 0
-                window_tokens += int(metrics["num_tokens"])
-                if consecutive_bad >= config.max_consecutive_nonfinite:
-                    self._stop_nonfinite(consecutive_bad, step)
-                if step % config.log_every_steps == 0 or step == config.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            self.compile_steps()
+            pending = self._next_batch() if self.step < config.total_steps else None
+            while self.step < config.total_steps:
+                gbatch, shape = pending
+                self.state, metrics = self.compiled[shape](self.state, gbatch, rng)
+                self.step += 1
+                step = self.step
+                stop.started()  # every step is compiled and one dispatched: a signal now saves
+                self._data_state = self.iterator.get_state()  # before the next batch is read
+                tally = self._tally(tally, metrics["skipped"], metrics["num_tokens"])
+                window_flops += self.compile_stats[shape]["flops"]
+                # Wait (without reading) only once the host is MAX_STEPS_IN_FLIGHT steps ahead:
+                # the device then still has a step queued while the next batch is fetched.
+                in_flight.append(metrics["skipped"])
+                if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
+                # Batch k + 1 is read, decoded and copied while step k runs.
+                pending = self._next_batch() if step < config.total_steps else None
+
+                log_now = step % config.log_every_steps == 0 or step == config.total_steps
+                save_now = step % config.checkpoint_every_steps == 0
+                # Several processes stop only at the step the preemption service agreed on (a
+                # Ctrl-C was forwarded to it); a single process stops at once.
+                preempted = self.ckpt.reached_preemption(step)
+                if preempted:
+                    stop.signum = stop.signum or signal.SIGTERM
+                stopping = preempted or (stop.signum is not None and not self.multiprocess)
+                if log_now or save_now or stopping:
+                    counts = {k: int(v) for k, v in self._read(tally).items()}
+                    if counts["tripped"]:
+                        self._stop_nonfinite(
+                            config.max_consecutive_nonfinite, tally_start + counts["tripped"]
+                        )
+                    total_skipped += counts["skipped"]
+                    window_tokens += counts["tokens"]
+                    tally, tally_start = self._new_tally(counts["run"]), step
+                if log_now:
+                    values = self._read({"m": metrics, "lr": self.schedule(step - 1)})
+                    elapsed = time.perf_counter() - window_start  # the tally read waited
+                    last = {k: float(v) for k, v in values["m"].items()}
                     last.update(
-                        learning_rate=float(self.schedule(step - 1)),
+                        learning_rate=float(values["lr"]),
                         tokens_per_sec=window_tokens / elapsed,
-                        steps_per_sec=config.log_every_steps / elapsed,
+                        steps_per_sec=(step - window_first) / elapsed,
                         nonfinite_skipped_total=total_skipped,
-                        data_dropped_at_decode=self.iterator.dropped_at_decode,
+                        data_dropped_at_decode=self._data_state.get(
+                            "dropped_at_decode", self.iterator.dropped_at_decode
+                        ),
                     )
                     if self.flops_per_step > 0:
-                        step_time = elapsed / config.log_every_steps
-                        last["mfu"] = self.flops_per_step / step_time / peak
+                        last["mfu"] = window_flops / elapsed / peak
                     writer.write(step, last)
-                    window_tokens, window_start = 0, time.perf_counter()
+                    window_first, window_tokens, window_flops = step, 0, 0.0
+                    window_start = time.perf_counter()
                     if bar is not None:
                         bar.set_postfix(
                             loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}"
@@ -402,15 +564,12 @@ class Trainer:
                 if bar is not None:
                     bar.update(step - bar.n)
                 if config.eval_every_steps and step % config.eval_every_steps == 0:
+                    t = time.perf_counter()
                     writer.write(step, self.evaluate(), prefix="eval/")
-                if step % config.checkpoint_every_steps == 0:
+                    window_start += time.perf_counter() - t  # the throughput of training only
+                if save_now:
                     self.save()
-                # Several processes stop only at the step the preemption service agreed on (a
-                # Ctrl-C was forwarded to it); a single process stops at once.
-                preempted = self.ckpt.reached_preemption(step)
-                if preempted:
-                    stop.signum = stop.signum or signal.SIGTERM
-                if preempted or (stop.signum is not None and not self.multiprocess):
+                if stopping:
                     self.save(force=True)
                     self.ckpt.wait_until_finished()
                     log.warning(
@@ -426,7 +585,7 @@ class Trainer:
             self.ckpt.wait_until_finished()
             if self.eval_data is not None:
                 final = self.evaluate()
-                writer.write(int(self.state.step), final, prefix="eval/")
+                writer.write(self.step, final, prefix="eval/")
                 last.update({f"eval/{k}": v for k, v in final.items()})
         finally:
             stop.close()
@@ -440,8 +599,9 @@ class Trainer:
         self.ckpt.wait_until_finished()
         raise FloatingPointError(
             f"{count} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
-            f"their updates were skipped and the run stops here. The last good checkpoint is "
-            f"step {self.ckpt.latest_step()} in {self.workdir}/checkpoints; lower "
+            f"their updates were skipped, and the run stops at step {self.step}, where the "
+            f"host next read the counts. The last good checkpoint is step "
+            f"{self.ckpt.latest_step()} in {self.workdir}/checkpoints; lower "
             "optim.learning_rate or check the data before resuming."
         )
 
@@ -453,4 +613,5 @@ class Trainer:
             self.mesh,
             self.loss_cfg,
             max_batches=self.config.eval_max_batches,
+            sums_fn=self._consistency,
         )
