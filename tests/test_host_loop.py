@@ -236,3 +236,22 @@ def test_a_run_of_nonfinite_steps_stops_at_the_next_sync_point(assets, tmp_path,
         trainer.run()
     assert "stops at step 6" in str(e.value)
     assert trainer.step == 6 and checkpoint.steps(tmp_path / "w") == []
+
+
+def test_the_student_reuses_the_teachers_prompt_prefix_unless_the_llm_trains(run, assets):
+    """The run's step takes the data's shortest prompt prefix from the teacher (every row of the
+    manifest has the same system turn and instruction here: that prefix exactly); with the LLM's
+    base weights trainable, or the switch off, it computes everything."""
+    trainer = run["trainer"]
+    prefix = len(trainer.train_data.layout.template().prefix)
+    assert prefix > 0 and trainer.step_cfg.shared_prefix == prefix
+    assert trainer.train_data.shared_prefix == prefix
+    off = Trainer(_config(assets, "--config.train.share_prompt_prefix=false"), run["workdir"] / "x")
+    assert off.step_cfg.shared_prefix == 0
+    off.stop.close()
+    llm = Trainer(
+        _config(assets, "--config.train.trainable=('^adapter/', 'llm/.*/mlp/')"),
+        run["workdir"] / "y",
+    )
+    assert llm.step_cfg.shared_prefix == 0
+    llm.stop.close()

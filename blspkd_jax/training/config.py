@@ -323,7 +323,16 @@ def base_config() -> ml_collections.ConfigDict:
     # trains the adapter; stage 2 adds "lora_" (and optionally "^encoder/"). frozen_dtype: the
     # dtype of every parameter that does not train ("": the model's param_dtype; "bfloat16"
     # halves a frozen LLM's memory), while trained ones keep param_dtype as master copies.
+    # share_prompt_prefix: the student takes the teacher's keys and values for the positions
+    # before every example's transcript (system turn, user header, instruction: the same tokens
+    # in both passes) instead of computing them forward and backward; off by itself when the
+    # LLM's own weights train (LoRA aside), since their gradient must then flow through them.
     c.train = ml_collections.ConfigDict(
-        {"trainable": ("^adapter/",), "init_from": "", "frozen_dtype": ""}
+        {
+            "trainable": ("^adapter/",),
+            "init_from": "",
+            "frozen_dtype": "",
+            "share_prompt_prefix": True,
+        }
     )
     return c

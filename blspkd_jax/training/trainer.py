@@ -17,6 +17,7 @@ run of non-finite ones) add up on the device until the next sync point reads the
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -37,6 +38,7 @@ from blspkd_jax.data import storage
 from blspkd_jax.data.pipeline import eval_pipeline, train_pipeline
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, example_batch
+from blspkd_jax.models.llm import is_lora_path
 from blspkd_jax.training import build, checkpoint, optim, train_state, weights
 from blspkd_jax.training import config as config_lib
 from blspkd_jax.training.objective import cast_features, consistency, consistency_fn
@@ -344,6 +346,9 @@ class Trainer:
         n_train = optim.count_params(self.state.trainable)
         n_frozen = optim.count_params(self.state.frozen)
         log.info("parameters: %d trainable, %d frozen", n_train, n_frozen)
+        self.step_cfg = dataclasses.replace(
+            self.step_cfg, shared_prefix=self._shared_prefix(config)
+        )
         self.step_fn = train_state.make_train_step(self.model, self.step_cfg, self.tx)
         # Features go to the device in the encoder's compute dtype, cast on the host: its first
         # op casts them to that dtype anyway, bfloat16 halves the bytes sent, and the step is
@@ -460,6 +465,18 @@ class Trainer:
         steps, checkpoints, a stop): anywhere else a read would make the host wait for the step in
         flight, and the device for the host."""
         return jax.device_get(tree)
+
+    def _shared_prefix(self, config) -> int:
+        """Positions the student takes from the teacher (`train.share_prompt_prefix`): the data's
+        shortest prompt prefix, or 0 when off or when the LLM's base weights train."""
+        llm_trains = any(k.startswith("llm/") and not is_lora_path(k) for k in self.state.trainable)
+        if not config.train.share_prompt_prefix or llm_trains:
+            return 0
+        log.info(
+            "the student reuses the teacher's first %d positions (the shortest prompt prefix)",
+            self.train_data.shared_prefix,
+        )
+        return self.train_data.shared_prefix
 
     def save(self, force: bool = False) -> None:
         if self.step != self.ckpt.latest_step():  # the end of a run may land on a periodic save
