@@ -45,6 +45,18 @@ def build_assets(root: Path) -> Path:
     return root
 
 
+def upload_assets(root: Path, url: str) -> None:
+    """Add a row whose recording is missing to `root/train.jsonl`, then copy the manifest and
+    the recordings to `url` (a gs:// prefix), keeping their relative paths."""
+    from blspkd_jax.data import storage
+
+    lines = (root / "train.jsonl").read_text().splitlines()
+    lines.append(json.dumps({"audio": "audio/missing.wav", "text": "gone"}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    for f in [root / "train.jsonl", *sorted((root / "audio").iterdir())]:
+        storage.as_path(f"{url}/{f.relative_to(root)}").write_bytes(f.read_bytes())
+
+
 def train_args(workdir, manifest, llm, *extra) -> list[str]:
     """`python -m blspkd_jax.train` arguments of a tiny run (tests/tiny.py's overrides)."""
     return [

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from _runs import REPO, build_assets, start_processes, train_args, wait_all
+from _runs import REPO, build_assets, start_processes, train_args, upload_assets, wait_all
 from test_storage import BUCKET, gcs  # noqa: F401 - the bucket's fixture
 
 from blspkd_jax.data import storage
@@ -24,11 +24,7 @@ def assets(gcs, tmp_path_factory):  # noqa: F811 - gcs is the imported fixture
     """The tiny run's LLM locally; its manifest (plus a row whose recording is missing) and
     recordings in gs://bkt/preempt-data."""
     root = build_assets(tmp_path_factory.mktemp("preemption"))
-    lines = (root / "train.jsonl").read_text().splitlines()
-    lines.append(json.dumps({"audio": "audio/missing.wav", "text": "gone"}))
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    for f in [root / "train.jsonl", *sorted((root / "audio").iterdir())]:
-        storage.as_path(f"{BUCKET}/preempt-data/{f.relative_to(root)}").write_bytes(f.read_bytes())
+    upload_assets(root, f"{BUCKET}/preempt-data")
     return root
 
 

