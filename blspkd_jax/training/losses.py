@@ -165,16 +165,9 @@ def _map_device_row_tiles(
         local = devices == 1 and (not mesh.empty or jax.device_count() == 1)
         return _map_row_tiles(lambda *r: fn(head, *r), rows, tile_rows, active if local else None)
     spec = PartitionSpec(axes)
-    if active is None:
-        return jax.shard_map(
-            lambda h, *r: _map_row_tiles(lambda *t: fn(h, *t), r, tile_rows),
-            in_specs=(PartitionSpec(), *(spec,) * len(rows)),
-            out_specs=spec,
-            axis_names=frozenset(axes),
-            check_vma=False,
-        )(head, *rows)
     return jax.shard_map(
         lambda h, a, *r: _map_row_tiles(lambda *t: fn(h, *t), r, tile_rows, a),
+        # None (no active rows given) is an empty pytree: its spec is never read.
         in_specs=(PartitionSpec(), spec, *(spec,) * len(rows)),
         out_specs=spec,
         axis_names=frozenset(axes),
