@@ -98,8 +98,8 @@ from blspkd_jax.models import sharding  # noqa: E402
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, param_shapes  # noqa: E402
 from blspkd_jax.training import build, optim, train_state, weights  # noqa: E402
 from blspkd_jax.training import config as config_lib  # noqa: E402
+from blspkd_jax.training.flops import measure_matmul_peak  # noqa: E402
 from blspkd_jax.training.objective import LOSS_NAMES, LossConfig  # noqa: E402
-from blspkd_jax.training.trainer import measure_matmul_peak  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Presets

@@ -1,4 +1,5 @@
-"""Matmul FLOPs of a step, counted from its jaxpr: the numerator of MFU.
+"""Matmul FLOPs of a step, counted from its jaxpr: the numerator of MFU (and the device's measured
+matmul peak, its denominator, `measure_matmul_peak`).
 
 XLA's cost analysis counts a loop's body once (a scanned 28-layer LLM reports one layer's FLOPs,
 the per-device loss tiles one tile), so the FLOPs are counted here instead, each loop body times
@@ -8,6 +9,7 @@ its trip count: the matmul and convolution FLOPs of every dot_general and convol
 from __future__ import annotations
 
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +73,17 @@ def step_flops(step_fn, state, batch, mesh) -> float:
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     with sharding.activate(mesh):
         return matmul_flops(jax.make_jaxpr(step_fn)(state, batch, rng))
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """This device's dense matmul FLOP/s in `dtype` (best of `repeats`), measured: the denominator
+    of MFU when no nominal peak is configured."""
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

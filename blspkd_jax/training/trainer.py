@@ -19,9 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -41,73 +39,11 @@ from blspkd_jax.models.blspkd import BLSPKD, example_batch
 from blspkd_jax.models.llm import is_lora_path
 from blspkd_jax.training import build, checkpoint, optim, train_state, weights
 from blspkd_jax.training import config as config_lib
+from blspkd_jax.training.flops import measure_matmul_peak
+from blspkd_jax.training.metrics import MetricWriter
 from blspkd_jax.training.objective import cast_features, consistency, consistency_fn
 
 log = logging.getLogger("blspkd_jax.train")
-
-
-class MetricWriter:
-    """metrics.jsonl + TensorBoard, written by process 0 only, into a local or remote workdir.
-
-    Locally every row is on disk at once. An object store cannot append, so there both files are
-    uploaded whole, at most every `upload_seconds` and when the run ends or stops; TensorBoard
-    writes gs:// and s3:// itself (tensorboardX, through google-cloud-storage or boto3)."""
-
-    def __init__(self, workdir: str, enabled: bool, upload_seconds: float = 30.0):
-        self.enabled = enabled
-        self.tb = None
-        self.remote = storage.is_url(workdir)
-        self.upload_seconds, self._uploaded = upload_seconds, time.monotonic()
-        if enabled:
-            self.jsonl = storage.LineLog(f"{workdir}/metrics.jsonl", upload_seconds)
-            tb_dir = f"{workdir}/tensorboard"
-            try:
-                from tensorboardX import SummaryWriter
-                from tensorboardX.record_writer import REGISTERED_FACTORIES
-
-                scheme = tb_dir.split("://", 1)[0] if self.remote else None
-                if scheme is None or scheme in REGISTERED_FACTORIES:
-                    self.tb = SummaryWriter(tb_dir)
-                else:
-                    log.warning(
-                        "TensorBoard cannot write %s://: no events (metrics.jsonl has all)", scheme
-                    )
-            except ImportError:  # pragma: no cover - tensorboardX is a requirement
-                log.warning("tensorboardX not installed: no TensorBoard logs")
-
-    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{f"{prefix}{k}": v for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(row))
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-            # A remote events file is uploaded whole at each flush: not at every row.
-            if not self.remote or time.monotonic() - self._uploaded >= self.upload_seconds:
-                self.tb.flush()
-                self._uploaded = time.monotonic()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-    """This device's dense matmul FLOP/s in `dtype` (best of `repeats`), measured: the denominator
-    of MFU when no nominal peak is configured."""
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 # Steps dispatched but not finished that the host lets pile up before it reads the next batch:
