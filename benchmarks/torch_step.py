@@ -73,15 +73,9 @@ def torch_batch(batch, device="cpu") -> dict[str, torch.Tensor]:
     return out
 
 
-def torch_losses(model, b: dict, loss_cfg: LossConfig):
-    """(total, {term: value}): `training.objective.compute_losses` written out in PyTorch.
-
-    Rows (as `objective.loss_rows`): input_kl at the transcript positions, response_kl and
-    response_ce at every position whose next token is a response or end-of-turn token, both only
-    for real examples. KL(teacher || student) of softmax(logits / T), summed over the vocabulary,
-    averaged over rows; the teacher under no_grad. Logits are made once, at the rows some loss
-    uses. cif: |sum(alpha) - n| / n averaged over the real examples.
-    """
+def torch_hidden(model, b: dict):
+    """(teacher hidden [B, L, H], student hidden [B, L, H], alphas [B, T]): the two passes of the
+    step, the teacher under no_grad."""
     ids, am, sm = b["input_ids"], b["attention_mask"], b["speech_mask"]
     positions = (am.long().cumsum(-1) - 1).clamp_min(0)
     llm_kw = dict(attention_mask=am, position_ids=positions, use_cache=False)
@@ -95,7 +89,20 @@ def torch_losses(model, b: dict, loss_cfg: LossConfig):
     student = model.run_llm(
         hidden_only=True, inputs_embeds=embeds, lora_mask=sm, **llm_kw
     ).last_hidden_state
+    return teacher, student, alphas
 
+
+def torch_losses(model, b: dict, loss_cfg: LossConfig):
+    """(total, {term: value}): `training.objective.compute_losses` written out in PyTorch.
+
+    Rows (as `objective.loss_rows`): input_kl at the transcript positions, response_kl and
+    response_ce at every position whose next token is a response or end-of-turn token, both only
+    for real examples. KL(teacher || student) of softmax(logits / T), summed over the vocabulary,
+    averaged over rows; the teacher under no_grad. Logits are made once, at the rows some loss
+    uses. cif: |sum(alpha) - n| / n averaged over the real examples.
+    """
+    ids, am, sm = b["input_ids"], b["attention_mask"], b["speech_mask"]
+    teacher, student, alphas = torch_hidden(model, b)
     example = b["example_mask"][:, None]
     rows_input = (sm & example).flatten()
     rows_response = (F.pad(b["response_mask"][:, 1:], (0, 1)) & example & am).flatten()

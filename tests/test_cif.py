@@ -195,8 +195,8 @@ def test_long_sequence_precision(method):
 
 
 def _chunk_cases():
-    """T = 150 frames = 3 chunks of the segment method: a token lasting several chunks (silence),
-    and a frame so heavy that its chunk spans more tokens than a window holds (dense fallback)."""
+    """T = 3 chunks of the segment method: a token lasting several chunks (silence), and a frame
+    so heavy that its chunk spans more tokens than a window holds (dense fallback)."""
     from blspkd_jax.models.cif import CHUNK_FRAMES, CHUNK_TOKENS
 
     T = 3 * CHUNK_FRAMES
@@ -204,18 +204,18 @@ def _chunk_cases():
     values = rng.normal(size=(2, T, 3)).astype(np.float32)
     speech = rng.uniform(0.1, 0.9, size=(2, T)).astype(np.float32)
     silence = speech.copy()
-    silence[0, 10:140] = 1e-4  # one token spans frames ~10..140: all three chunks
-    silence[1, 60:] = 1e-4
+    silence[0, 10 : T - 10] = 1e-4  # one token spans frames 10..T-10: all three chunks
+    silence[1, 2 * T // 5 :] = 1e-4
     peaky = speech.copy()
     # One frame completes more tokens than a window holds. (Not much heavier: a weight w in float32
     # is only known to w * 6e-8, and that error shifts every later token boundary.)
-    peaky[0, 70] = CHUNK_TOKENS + 8.0
+    peaky[0, T // 2 - 5] = CHUNK_TOKENS + 8.0
     mask = np.ones((2, T), bool)
-    mask[1, 120:] = False
+    mask[1, 4 * T // 5 :] = False
     # Same shapes and max_tokens for both: one compilation per method and mode serves both cases.
     return {
         "silence": (values, silence, mask, 110, [12, 9]),
-        "peaky": (values, peaky, mask, 110, [100, 40]),
+        "peaky": (values, peaky, mask, 110, [2 * T // 3, 4 * T // 15]),
     }
 
 

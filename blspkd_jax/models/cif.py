@@ -4,7 +4,7 @@ weights.
 
 Three implementations compute the same tokens (tests hold them equal to a float64 frame loop,
 gradients included): "segment" (each frame feeds only the few tokens it touches: one small matmul
-per one-second chunk of frames, about 16*T*C work, no sequential scan), "dense" (the closed form
+per half-second chunk of frames, about 8*T*C work, no sequential scan), "dense" (the closed form
 `W @ x`: N*T*C work) and "scan" (a `lax.scan` walk over the frames, the readable reference).
 "parallel", the default, names the fastest of them without a sequential scan: "segment", as
 measured by `benchmarks/cif.py`.
@@ -26,8 +26,8 @@ from jax import lax
 
 METHODS = ("parallel", "segment", "dense", "scan")
 # "parallel" names the fastest method that needs no sequential scan (benchmarks/cif.py: on CPU at
-# B=8, T=1500, N=128, C=1279, forward+backward, segment ~3x faster than dense and ~2.5x faster
-# than a scatter-add segment sum, within 1.5x of the memory floor).
+# B=8, T=1500, N=128, C=1279, forward+backward, segment ~1.8x faster than dense and than a
+# scatter-add segment sum, ~2x the memory floor).
 PARALLEL = "segment"
 # Below this total weight an example has nothing to integrate: its tokens are zero vectors. The
 # guard keeps `alpha * n / sum(alpha)` and its gradient finite for (near-)zero alphas.
@@ -175,15 +175,17 @@ def _pour_dense(x, first_tok, first_w, end_tok, end_w, max_tokens):
     return jnp.einsum("bnt,btc->bnc", w, x, precision=lax.Precision.HIGHEST)
 
 
-# The segment method cuts the frames into chunks of about CHUNK_FRAMES (50 frames = 1 s of Whisper
-# output) and integrates each chunk into a window of CHUNK_TOKENS tokens with one small matmul:
-# CHUNK_TOKENS*T*C work instead of N*T*C, and no scatter (slow on CPU). 16 tokens in one second is
-# far faster than speech; a batch where some chunk spans more (peaky alphas) takes the dense form
-# instead, with the same result. Both directions are written out (a custom VJP): autodiff through
-# `lax.cond` would make each branch return the other's residuals (a zero-filled [B, T, C] and a
-# copy of the values).
-CHUNK_FRAMES = 50
-CHUNK_TOKENS = 16
+# The segment method cuts the frames into chunks of about CHUNK_FRAMES (25 frames = 0.5 s of
+# Whisper output) and integrates each chunk into a window of CHUNK_TOKENS tokens with one small
+# matmul: CHUNK_TOKENS*T*C work instead of N*T*C, and no scatter (slow on CPU). 8 tokens touched
+# in half a second (14 tokens/s) is far faster than speech (3-5 LLM tokens/s); a batch where some
+# chunk spans more (peaky alphas) takes the dense form instead, with the same result. Both
+# directions are written out (a custom VJP): autodiff through `lax.cond` would make each branch
+# return the other's residuals (a zero-filled [B, T, C] and a copy of the values).
+# 25 x 8 rather than 50 x 16: half the matmul work at the same tokens per second, 1.3x faster
+# forward+backward at B=8, T=1500, N=128, C=1279 on a 2-core CPU (benchmarks/cif.py).
+CHUNK_FRAMES = 25
+CHUNK_TOKENS = 8
 
 
 def _chunk_frames(T: int) -> int:

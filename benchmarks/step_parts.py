@@ -1,0 +1,227 @@
+"""Where the train step's time goes: the BLSP-KD step of `train_step.py` cut into its parts, in JAX
+and in PyTorch eager, on the same preset, weights and batch.
+
+Each framework runs five programs, each one the previous plus one part: the teacher's forward;
++ the student's forward (encoder, CFormer, CIF, the LLM on the speech); + the loss terms (the
+vocabulary at the weighted rows); + the backward; + clipping and the AdamW update (the whole step).
+A part's time is the difference between its program and the one before; the speech path's
+forward (encoder, CFormer, CIF) is also timed on its own. JAX compiles each program whole, so a
+difference also holds what XLA could no longer fuse across the cut: the parts add up to the step,
+but each is an estimate, not a trace.
+
+    .venv/bin/python benchmarks/step_parts.py                    # presets tiny, 100m, smollm2
+    .venv/bin/python benchmarks/step_parts.py --preset 100m --quick
+
+Times are medians of `--repeats` calls after one warm-up, all programs of both frameworks
+interleaved. The last line printed is one JSON object: {"PRESET": {"jax": {PART: ms}, "eager":
+{PART: ms}}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from forward import cpu_model  # noqa: E402
+from torch_step import (  # noqa: E402
+    TorchTrainStep,
+    export_torch,
+    torch_batch,
+    torch_hidden,
+    torch_losses,
+    torch_param_paths,
+)
+from train_step import (  # noqa: E402
+    PRESET_NAMES,
+    jax_step,
+    preset,
+    random_params,
+    synthetic_batch,
+)
+
+from blspkd_jax.models.blspkd import BLSPKD  # noqa: E402
+from blspkd_jax.training import optim, train_state  # noqa: E402
+from blspkd_jax.training.objective import compute_losses  # noqa: E402
+
+# The cumulative programs, in order; each part is the difference to the one before.
+STAGES = ("teacher forward", "student forward", "loss terms", "backward", "clip + AdamW update")
+SPEECH = "of the student: speech path forward"
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def jax_programs(p, flat, batch) -> dict:
+    """{stage: zero-argument callable} running the cumulative JAX programs on preset `p`."""
+    model = BLSPKD(p.model)
+    P = p.batch.prefix
+    step_cfg = train_state.StepConfig(trainable=p.trainable, loss=p.loss, shared_prefix=P)
+    trainable, frozen = optim.split_trainable(dict(flat), p.trainable)
+    trainable, frozen = jax.device_put((trainable, frozen))
+    params = optim.unflatten({**trainable, **frozen})
+    compiled, state, gbatch, _, _ = jax_step(p, flat, batch)
+    rng = jax.random.PRNGKey(0)  # the step's raw uint32 key
+    rngs = {"dropout": rng}
+
+    def teacher(params, b):
+        return model.apply({"params": params}, b, keep_kv=P, method=BLSPKD.teacher)
+
+    def forward(params, b):  # the shared-prefix forward of the step (`BLSPKD.__call__`)
+        return model.apply({"params": params}, b, False, shared_prefix=P, rngs=rngs)
+
+    def speech(params, b):
+        feats = (b["features"], b["feature_mask"], b["text_lengths"], False)
+        return model.apply({"params": params}, *feats, method=BLSPKD.speech, rngs=rngs)
+
+    def losses(params, b):
+        return compute_losses(
+            model, params, b, p.loss, rng=rng, deterministic=False, shared_prefix=P
+        )
+
+    grad_fn = jax.jit(train_state.make_grad_fn(model, step_cfg))
+    box = {"state": state}
+
+    def whole_step():
+        box["state"], m = compiled(box["state"], gbatch, rng)
+        return _block((box["state"], m))
+
+    fns = {name: jax.jit(f) for name, f in [("t", teacher), ("f", forward), ("s", speech)]}
+    fns["l"] = jax.jit(losses)
+    return {
+        STAGES[0]: lambda: _block(fns["t"](params, gbatch)),
+        STAGES[1]: lambda: _block(fns["f"](params, gbatch)),
+        STAGES[2]: lambda: _block(fns["l"](params, gbatch)),
+        STAGES[3]: lambda: _block(grad_fn(trainable, frozen, gbatch, rng)),
+        STAGES[4]: whole_step,
+        SPEECH: lambda: _block(fns["s"](params, gbatch)),
+    }
+
+
+def torch_programs(p, flat, batch, workdir) -> dict:
+    """{stage: zero-argument callable} running the same cumulative programs on the exported
+    PyTorch model (eager)."""
+    shapes = {k: v.shape for k, v in flat.items()}
+    model = export_torch(p.model, flat, Path(workdir) / "eager")
+    trainable, _ = optim.split_trainable(dict(flat), p.trainable)
+    step = TorchTrainStep(model, torch_param_paths(p.model, shapes), set(trainable), p.loss,
+                          **p.optim)  # fmt: skip
+    b = torch_batch(batch)
+    ids, am = b["input_ids"], b["attention_mask"]
+    positions = (am.long().cumsum(-1) - 1).clamp_min(0)
+
+    def teacher():
+        with torch.no_grad():
+            return model.run_llm(
+                hidden_only=True, input_ids=ids, attention_mask=am, position_ids=positions,
+                use_cache=False,
+            )  # fmt: skip
+
+    def backward():
+        step.opt.zero_grad(set_to_none=True)
+        total, _ = torch_losses(model, b, p.loss)
+        total.backward()
+
+    return {
+        STAGES[0]: teacher,
+        STAGES[1]: lambda: torch_hidden(model, b),
+        STAGES[2]: lambda: torch_losses(model, b, p.loss),
+        STAGES[3]: backward,
+        STAGES[4]: lambda: step(b),
+        SPEECH: lambda: model.encode_speech(b["features"], b["feature_mask"], b["text_lengths"]),
+    }
+
+
+def time_parts(name: str, quick: bool, repeats: int, log=print) -> dict:
+    """{"jax": {part: seconds}, "eager": {part: seconds}} for one preset."""
+    p = preset(name, quick)
+    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
+    flat = random_params(p.model, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"[{name}] compiling the JAX programs")
+        programs = {
+            "jax": jax_programs(p, flat, batch),
+            "eager": torch_programs(p, flat, batch, tmp),
+        }
+        runs = [(fw, stage, fn) for fw, fns in programs.items() for stage, fn in fns.items()]
+        for fw, stage, fn in runs:  # warm-up (JAX: compilation)
+            t0 = time.perf_counter()
+            fn()
+            log(f"[{name}] {fw} {stage}: first call {time.perf_counter() - t0:.1f} s")
+        times = {(fw, stage): [] for fw, stage, _ in runs}
+        for _ in range(repeats):
+            for fw, stage, fn in runs:
+                t0 = time.perf_counter()
+                fn()
+                times[(fw, stage)].append(time.perf_counter() - t0)
+    out = {}
+    for fw in programs:
+        cumulative = [statistics.median(times[(fw, s)]) for s in STAGES]
+        parts = dict(zip(STAGES, np.diff([0.0, *cumulative]).tolist(), strict=True))
+        parts[SPEECH] = statistics.median(times[(fw, SPEECH)])
+        parts["whole step"] = cumulative[-1]
+        out[fw] = parts
+    return out
+
+
+def report(name: str, parts: dict) -> str:
+    jx, eager = parts["jax"], parts["eager"]
+    lines = [
+        f"### {name}",
+        "",
+        "| part | JAX ms | PyTorch eager ms | JAX / eager | share of the JAX step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for part in (*STAGES[:2], SPEECH, *STAGES[2:], "whole step"):
+        j, e = jx[part], eager[part]
+        share = j / jx["whole step"]
+        ratio = f"{j / e:.2f}" if e > 0 and j > 0 else "-"
+        lines.append(f"| {part} | {j * 1e3:.1f} | {e * 1e3:.1f} | {ratio} | {share:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=PRESET_NAMES[:3], action="append",
+                    help="repeatable (default: tiny, 100m, smollm2)")  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="shrunken presets (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 5, quick 2)")
+    args = ap.parse_args(argv)
+    names = args.preset or ["tiny", "100m", "smollm2"]
+    repeats = args.repeats or (2 if args.quick else 5)
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    load = os.getloadavg()[0]
+    results = {name: time_parts(name, args.quick, repeats) for name in names}
+    print(
+        f"\nMachine: {cpu_model()}, {cores} cores used; jax {jax.__version__}, torch "
+        f"{torch.__version__}. Median of {repeats} calls, all programs interleaved. Load average "
+        f"{load:.2f} before, {os.getloadavg()[0]:.2f} after.\n"
+    )
+    for name, parts in results.items():
+        print(report(name, parts))
+    summary = {
+        name: {fw: {k: round(v * 1e3, 1) for k, v in d.items()} for fw, d in parts.items()}
+        for name, parts in results.items()
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
