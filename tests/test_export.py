@@ -40,7 +40,7 @@ from blspkd_jax.models.adapter import CFormerConfig
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, param_shapes
 from blspkd_jax.models.encoder import WhisperEncoderConfig
 from blspkd_jax.models.llm import LLM, lm_head_kernel, split_lora
-from blspkd_jax.models.llm import params_to_hf as llm_params_to_hf
+from blspkd_jax.models.llm_hf import params_to_hf as llm_params_to_hf
 from blspkd_jax.training import build, checkpoint, optim, train_state, weights
 from blspkd_jax.training import config as config_lib
 from blspkd_jax.training.config import base_config

@@ -14,7 +14,7 @@ import transformers
 from flax import linen as nn
 from flax import traverse_util
 
-from blspkd_jax.models import hf, layers, llm
+from blspkd_jax.models import hf, layers, llm, llm_hf
 from blspkd_jax.models.layers import unstack_layers
 
 V, H, FF, NL = 64, 32, 48, 2
@@ -267,21 +267,22 @@ def test_config_and_checkpoint_errors(saved):
     sd = dict(hf.read_state_dict(path))
     missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
-        llm.params_from_hf(config, missing)
+        llm_hf.params_from_hf(config, missing)
     extra = {**sd, "model.layers.0.self_attn.o_proj.bias": np.zeros(H, np.float32)}
     with pytest.raises(ValueError, match="o_proj.bias"):
-        llm.params_from_hf(config, extra)
+        llm_hf.params_from_hf(config, extra)
     wrong = {**sd, "model.norm.weight": np.zeros(H + 1, np.float32)}
     with pytest.raises(ValueError, match="model.norm.weight"):
-        llm.params_from_hf(config, wrong)
+        llm_hf.params_from_hf(config, wrong)
     # Harmless extras are ignored.
-    llm.params_from_hf(config, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4)})
+    rope_table = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4)}
+    llm_hf.params_from_hf(config, {**sd, **rope_table})
 
 
 def test_sliding_window_beyond_window_raises(saved):
     path, _ = saved["mistral"]
     config = llm.LLMConfig.from_hf(hf.read_config(path), sliding_window=8)
-    params = llm.params_from_hf(config, hf.read_state_dict(path))
+    params = llm_hf.params_from_hf(config, hf.read_state_dict(path))
     run = lambda n: jax.eval_shape(
         llm.LLM(config).apply, {"params": params}, jnp.zeros((1, n), int)
     )
@@ -336,7 +337,7 @@ def test_scan_and_remat_change_nothing(saved):
 
     def run(scan, remat):
         config = dataclasses.replace(base, scan_layers=scan, remat=remat)
-        params = llm.params_from_hf(config, hf.read_state_dict(path))
+        params = llm_hf.params_from_hf(config, hf.read_state_dict(path))
         module = llm.LLM(config)
         loss = lambda p: jnp.sum(module.apply({"params": p}, ids) * w)
         loss, grad = jax.jit(jax.value_and_grad(loss))(params)
@@ -363,7 +364,7 @@ def test_scan_and_remat_change_nothing(saved):
 def test_kv_cache_prefill_then_decode_equals_full_forward(saved, scan):
     path, model = saved["llama_gqa_llama3"]
     config = llm.LLMConfig.from_hf(hf.read_config(path), scan_layers=scan)
-    params = llm.params_from_hf(config, hf.read_state_dict(path))
+    params = llm_hf.params_from_hf(config, hf.read_state_dict(path))
     module = llm.LLM(config)
     P, N = 6, 5  # prompt length, decode steps
     ids = _ids(5, (2, P + N))
@@ -402,7 +403,7 @@ def test_prefix_keys_and_values_continue_a_forward(saved, scan, remat):
     path, _ = saved["llama_gqa_llama3"]
     config = llm.LLMConfig.from_hf(hf.read_config(path), scan_layers=scan, remat=remat)
     config = config.with_lora(rank=4, alpha=8.0)
-    base = llm.params_from_hf(config, hf.read_state_dict(path))
+    base = llm_hf.params_from_hf(config, hf.read_state_dict(path))
     lora = jax.tree.map(lambda x: x + 0.1, llm.init_lora_params(config, jax.random.key(0)))
     params = llm.merge_params(base, lora)
     module = llm.LLM(config)
@@ -504,7 +505,7 @@ def test_lora_init_params(saved):
         FF
     )
     # Merged into loaded base weights and split apart again.
-    base = llm.params_from_hf(config, hf.read_state_dict(path))
+    base = llm_hf.params_from_hf(config, hf.read_state_dict(path))
     merged = llm.merge_params(base, lora)
     base2, lora2 = llm.split_lora(merged)
     assert jax.tree.structure(base2) == jax.tree.structure(base)

@@ -24,8 +24,7 @@ from etils import epath
 from flax import traverse_util
 
 from blspkd_jax.models import encoder as encoder_lib
-from blspkd_jax.models import hf
-from blspkd_jax.models import llm as llm_lib
+from blspkd_jax.models import hf, llm_hf
 from blspkd_jax.models.adapter import CFormer, CFormerConfig
 from blspkd_jax.models.blspkd import BLSPKDConfig
 from blspkd_jax.models.encoder import WhisperEncoderConfig
@@ -150,7 +149,7 @@ def params_to_hf(model_cfg: BLSPKDConfig, params) -> dict[str, np.ndarray]:
         a = LAYOUT[layout](np.asarray(tree_get(p["adapter"], path)))
         out[f"adapter.{name}"] = np.ascontiguousarray(a)
     base_cfg = dataclasses.replace(model_cfg.llm, scan_layers=False)
-    out.update({f"llm.{k}": v for k, v in llm_lib.params_to_hf(base_cfg, p["llm"]).items()})
+    out.update({f"llm.{k}": v for k, v in llm_hf.params_to_hf(base_cfg, p["llm"]).items()})
     flat_llm = traverse_util.flatten_dict(p["llm"], sep="/")
     for name, path in _lora_rows(model_cfg.llm):
         out[f"llm_lora.{name}"] = np.ascontiguousarray(np.asarray(flat_llm[path]).T)
@@ -184,10 +183,10 @@ def export_tensors(model_cfg: BLSPKDConfig, paths: Collection[str]) -> list[Expo
             (f"adapter.{n}", "adapter/" + "/".join(p), t, True)
             for n, p, t in _adapter_rows(model_cfg.adapter)
         ),
-        # llm.params_to_hf writes the rows the params have (no lm_head when it is tied).
+        # llm_hf.params_to_hf writes the rows the params have (no lm_head when it is tied).
         *(
             (f"llm.{h}", f"llm/{ours}", "linear" if t else None, False)
-            for h, ours, t in llm_lib._hf_rows(base)
+            for h, ours, t in llm_hf.hf_rows(base)
         ),
         *((f"llm_lora.{n}", f"llm/{p}", "linear", True) for n, p in _lora_rows(model_cfg.llm)),
     ]
@@ -226,7 +225,7 @@ def params_from_hf(model_cfg: BLSPKDConfig, state_dict: Mapping[str, Any]) -> di
     try:
         params = {
             "encoder": encoder_lib.params_from_hf(enc_cfg, parts["encoder."]),
-            "llm": llm_lib.params_from_hf(llm_cfg, parts["llm."]),
+            "llm": llm_hf.params_from_hf(llm_cfg, parts["llm."]),
         }
     except (KeyError, ValueError) as e:
         raise ExportError(f"weights: {e}") from None

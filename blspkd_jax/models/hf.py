@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: config.json + safetensors in, and back out.
 
-The name maps live beside the modules they describe (`encoder.py`, `llm.py`); this file only moves
-tensors between disk and those maps (the composed model's export format is `blspkd_hf.py`).
+The name maps live beside the modules they describe (`encoder.py`, `llm_hf.py`); this file only
+moves tensors between disk and those maps (the composed model's export format is `blspkd_hf.py`).
 Weights are read from safetensors (single file or sharded with an index). A pickled
 `pytorch_model.bin` is read only through `torch.load(weights_only=True)`, which refuses arbitrary
 objects; nothing here ever unpickles with full pickle.
@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from blspkd_jax.models import encoder, lazy, llm, sharding
+from blspkd_jax.models import encoder, lazy, llm, llm_hf, sharding
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -331,8 +331,8 @@ def load_llm(path, dtype=jnp.float32, mesh: Mesh | None = None, **overrides):
     config = llm.LLMConfig.from_hf(read_config(path), **overrides)
     module = llm.LLM(config)
     if mesh is None:
-        return module, llm.params_from_hf(config, read_state_dict(path))
-    host = llm.host_params_from_hf(config, read_state_dict(path, lazy_read=True))
+        return module, llm_hf.params_from_hf(config, read_state_dict(path))
+    host = llm_hf.host_params_from_hf(config, read_state_dict(path, lazy_read=True))
     base = llm.LLM(dataclasses.replace(config, lora_rank=0))
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     abstract = jax.eval_shape(base.init, jax.random.key(0), ids)["params"]
@@ -342,4 +342,4 @@ def load_llm(path, dtype=jnp.float32, mesh: Mesh | None = None, **overrides):
 def save_llm(path, config, params) -> None:
     """Write an LLM as a Hugging Face directory that transformers' AutoModelForCausalLM loads."""
     write_config(path, config.to_hf())
-    write_state_dict(path, llm.params_to_hf(config, params))
+    write_state_dict(path, llm_hf.params_to_hf(config, params))

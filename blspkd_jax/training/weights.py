@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from blspkd_jax.models import encoder, hf, llm, sharding
+from blspkd_jax.models import encoder, hf, llm_hf, sharding
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, init_fn
 from blspkd_jax.models.blspkd_hf import exported_params, is_exported
 from blspkd_jax.training import checkpoint, optim
@@ -128,7 +128,7 @@ def pretrained_params(
     if config.model.llm.hf_path:
         sd = hf.read_state_dict(config.model.llm.hf_path, lazy_read=True)
         base = dataclasses.replace(model_cfg.llm, lora_rank=0)
-        params = llm.host_params_from_hf(base, sd)
+        params = llm_hf.host_params_from_hf(base, sd)
         out.update({f"llm/{k}": v for k, v in optim.flatten(params).items()})
     return out
 
