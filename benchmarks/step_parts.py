@@ -11,6 +11,7 @@ but each is an estimate, not a trace.
 
     .venv/bin/python benchmarks/step_parts.py                    # presets tiny, 100m, smollm2
     .venv/bin/python benchmarks/step_parts.py --preset 100m --quick
+    .venv/bin/python benchmarks/step_parts.py --matmuls   # one linear layer's three products
 
 Times are medians of `--repeats` calls after one warm-up, all programs of both frameworks
 interleaved. The last line printed is one JSON object: {"PRESET": {"jax": {PART: ms}, "eager":
@@ -35,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from forward import cpu_model  # noqa: E402
@@ -179,6 +181,50 @@ def time_parts(name: str, quick: bool, repeats: int, log=print) -> dict:
     return out
 
 
+def time_matmuls(rows: int, d_in: int, d_out: int, repeats: int = 10) -> dict:
+    """{(framework, product): seconds}: one linear layer's three float32 products at the given
+    sizes, as a forward and backward run them: y = x W, dx = g W^T (the backward into a frozen
+    layer's input), dW = x^T g (a trained weight); each jitted alone in JAX, plain torch ops."""
+    rs = np.random.RandomState(0)
+    x, w, g = (rs.standard_normal(s).astype(np.float32)
+               for s in ((rows, d_in), (d_in, d_out), (rows, d_out)))  # fmt: skip
+    jx, jw, jg = jax.device_put((x, w, g))
+    tx, tw, tg = (torch.from_numpy(a) for a in (x, w, g))
+    hi = jax.lax.Precision.HIGHEST
+    products = {
+        ("JAX", "y = x W"): (jax.jit(lambda x, w: jnp.dot(x, w, precision=hi)), (jx, jw)),
+        ("JAX", "dx = g W^T"): (jax.jit(lambda g, w: jnp.dot(g, w.T, precision=hi)), (jg, jw)),
+        ("JAX", "dW = x^T g"): (jax.jit(lambda x, g: jnp.dot(x.T, g, precision=hi)), (jx, jg)),
+        ("PyTorch", "y = x W"): (torch.mm, (tx, tw)),
+        ("PyTorch", "dx = g W^T"): (lambda g, w: torch.mm(g, w.T), (tg, tw)),
+        ("PyTorch", "dW = x^T g"): (lambda x, g: torch.mm(x.T, g), (tx, tg)),
+    }
+    times = {k: [] for k in products}
+    for _ in range(repeats + 1):  # the first round warms up (and compiles)
+        for k, (fn, args) in products.items():
+            t0 = time.perf_counter()
+            _block(fn(*args))
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+def report_matmuls(rows: int, d_in: int, d_out: int, times: dict) -> str:
+    flops = 2 * rows * d_in * d_out
+    lines = [
+        f"### One linear layer's products: x [{rows}, {d_in}], W [{d_in}, {d_out}], float32",
+        "",
+        "| product | JAX ms | PyTorch ms | JAX / PyTorch | JAX GFLOP/s | PyTorch GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for product in ("y = x W", "dx = g W^T", "dW = x^T g"):
+        j, t = times[("JAX", product)], times[("PyTorch", product)]
+        lines.append(
+            f"| {product} | {j * 1e3:.2f} | {t * 1e3:.2f} | {j / t:.2f} | {flops / j / 1e9:.0f} | "
+            f"{flops / t / 1e9:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report(name: str, parts: dict) -> str:
     jx, eager = parts["jax"], parts["eager"]
     lines = [
@@ -201,11 +247,21 @@ def main(argv=None) -> int:
                     help="repeatable (default: tiny, 100m, smollm2)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="shrunken presets (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 5, quick 2)")
+    ap.add_argument(
+        "--matmuls",
+        action="store_true",
+        help="only time one linear layer's forward and backward products (smollm2's MLP shape)",
+    )
     args = ap.parse_args(argv)
-    names = args.preset or ["tiny", "100m", "smollm2"]
-    repeats = args.repeats or (2 if args.quick else 5)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
+    if args.matmuls:
+        # smollm2's MLP up-projection over one batch's rows (16 x 128 tokens).
+        shape = (2048, 576, 1536)
+        print(report_matmuls(*shape, time_matmuls(*shape)))
+        return 0
+    names = args.preset or ["tiny", "100m", "smollm2"]
+    repeats = args.repeats or (2 if args.quick else 5)
     load = os.getloadavg()[0]
     results = {name: time_parts(name, args.quick, repeats) for name in names}
     print(

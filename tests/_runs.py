@@ -1,20 +1,17 @@
-"""Assets and command lines for the tests that drive `python -m blspkd_jax.train` in subprocesses
-(test_preemption.py, test_storage.py): a random tiny LLM saved as a Hugging Face directory, eight
-noise recordings with real transcripts, and their manifest."""
+"""Assets for the tests that train on a few recordings (test_host_loop.py, test_storage.py): a
+random tiny LLM saved as a Hugging Face directory, eight noise recordings with real transcripts,
+and their manifest."""
 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import soundfile as sf
-from tiny import OVERRIDES, SENTENCES, tiny_chat_tokenizer, tiny_llm_config
+from tiny import SENTENCES, tiny_chat_tokenizer, tiny_llm_config
 
 from blspkd_jax.models import hf
 from blspkd_jax.models.llm import LLM
@@ -57,63 +54,7 @@ def upload_assets(root: Path, url: str) -> None:
         storage.as_path(f"{url}/{f.relative_to(root)}").write_bytes(f.read_bytes())
 
 
-def train_args(workdir, manifest, llm, *extra) -> list[str]:
-    """`python -m blspkd_jax.train` arguments of a tiny run (tests/tiny.py's overrides)."""
-    return [
-        "--config",
-        str(REPO / "configs/tiny.py"),
-        "--workdir",
-        str(workdir),
-        *OVERRIDES,
-        f"--config.data.train_manifest={manifest}",
-        f"--config.model.llm.hf_path={llm}",
-        *extra,
-    ]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start(args, log: Path, env_extra=None, cwd=REPO) -> subprocess.Popen:
-    """One `python -m blspkd_jax.train` process, its output to `log` (a file: a pipe nobody reads
-    would fill up)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "blspkd_jax.train", *args]
-    with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
-def start_processes(args, logs: list[Path], devices_per_process: int = 1, env_extra=None, cwd=REPO):
-    """len(logs) processes of one job on 127.0.0.1 (gloo), as launch/multiprocess.py starts them."""
-    port = free_port()
-    return [
-        start(
-            args,
-            log,
-            {
-                **(env_extra or {}),
-                "BLSPKD_COORDINATOR": f"127.0.0.1:{port}",
-                "BLSPKD_NUM_PROCESSES": str(len(logs)),
-                "BLSPKD_PROCESS_ID": str(p),
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-            },
-            cwd=cwd,
-        )
-        for p, log in enumerate(logs)
-    ]
-
-
-def wait_all(procs, timeout: float, logs) -> list[int]:
-    """Exit codes; on timeout every process is killed and the test fails with their logs' tails
-    (a hung collective must fail the test, not hang it)."""
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        tails = "\n".join(f"--- {log}\n{Path(log).read_text()[-2000:]}" for log in logs)
-        raise AssertionError(f"processes still running after {timeout} s:\n{tails}") from None

