@@ -1,5 +1,7 @@
 """The training program end to end, through the command line: a tiny run completes, writes
-metrics and checkpoints, skips bad rows, resumes exactly after a kill, and rejects unknown keys."""
+metrics and checkpoints, skips bad rows, resumes exactly after a kill, and rejects unknown keys;
+two processes on a 2x2x2 mesh training into a bucket stop together on SIGTERM, resume, and
+match the single-device run."""
 
 import json
 import os
@@ -225,13 +227,15 @@ def _skipped_lines(workdir) -> set[int]:
 
 
 def _launch(args, cwd, env_extra, log_dir):
-    """launch/multiprocess.py: 2 processes x 4 virtual devices running `blspkd_jax.train args`."""
+    """launch/multiprocess.py: 2 processes x 4 virtual devices running `blspkd_jax.train args`,
+    the launcher's own output to LOG_DIR/launcher.log (a pipe nobody reads would fill up and
+    stall process 0, whose output the launcher copies)."""
     cmd = [sys.executable, str(REPO / "launch/multiprocess.py"), "--num-processes=2",
            "--devices-per-process=4", f"--log-dir={log_dir}", "--", *args]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_extra}
-    return subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "launcher.log", "w") as out:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _process(launcher, process_id: int):
@@ -263,23 +267,24 @@ def test_two_processes_in_a_bucket_stop_together_resume_and_match_one_device(
     )
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    launcher = _launch(args, cwd, gcs, tmp_path / "logs")
+    log_dir = tmp_path / "logs"
+    launcher = _launch(args, cwd, gcs, log_dir)
     try:
         deadline = time.time() + 600  # start-up compiles: minutes on a loaded 2-core machine
         while not checkpoint.steps(workdir):
-            assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+            assert launcher.poll() is None, (log_dir / "launcher.log").read_text()[-3000:]
             assert time.time() < deadline
             time.sleep(0.05)
         _process(launcher, 1).send_signal(signal.SIGTERM)
-        out, _ = launcher.communicate(timeout=300)
+        launcher.wait(timeout=300)
     finally:  # a failed assertion above must not leave the processes running
         if launcher.poll() is None:
             for child in psutil.Process(launcher.pid).children():
                 child.kill()
             launcher.kill()
             launcher.wait()
-    logs = [(tmp_path / "logs" / f"process{p}.log").read_text() for p in range(2)]
-    assert launcher.returncode != 0, out[-3000:]
+    logs = [(log_dir / f"process{p}.log").read_text() for p in range(2)]
+    assert launcher.returncode != 0, (log_dir / "launcher.log").read_text()[-3000:]
     stopped = [re.search(r"stopped at step (\d+) \(SIGTERM", log) for log in logs]
     assert all(stopped), [log[-3000:] for log in logs]
     step = int(stopped[0].group(1))
@@ -297,9 +302,9 @@ def test_two_processes_in_a_bucket_stop_together_resume_and_match_one_device(
     assert list(cwd.iterdir()) == []
 
     # The same command resumes on both processes and ends the run.
-    launcher = _launch(args, cwd, gcs, tmp_path / "logs")
-    out, _ = launcher.communicate(timeout=900)
-    logs = [(tmp_path / "logs" / f"process{p}.log").read_text() for p in range(2)]
+    launcher = _launch(args, cwd, gcs, log_dir)
+    launcher.wait(timeout=900)
+    logs = [(log_dir / f"process{p}.log").read_text() for p in range(2)]
     assert launcher.returncode == 0, [log[-3000:] for log in logs]
     assert all(f"resumed from step {step}" in log for log in logs), [log[-3000:] for log in logs]
     assert checkpoint.steps(workdir)[-1] == STEPS
