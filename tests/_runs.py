@@ -16,8 +16,6 @@ from tiny import SENTENCES, tiny_chat_tokenizer, tiny_llm_config
 from blspkd_jax.models import hf
 from blspkd_jax.models.llm import LLM
 
-REPO = Path(__file__).parent.parent
-
 
 def build_assets(root: Path) -> Path:
     """`root/llm` (tokenizer and weights), `root/audio/u{i}.wav` and `root/train.jsonl` (audio

@@ -7,7 +7,6 @@ consistency sums up to the float rounding of a 4-way split)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import fsspec
 import pytest
 from _multiprocess_inference import run_all
+from _runs import free_port
 from test_storage import BUCKET, gcs  # noqa: F401 - the bucket's fixture
 
 from blspkd_jax.data import storage
@@ -23,14 +23,8 @@ REPO = Path(__file__).parent.parent
 SCRIPT = Path(__file__).parent / "_multiprocess_inference.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(workdir, assets, out) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for p in range(2):
         env = {

@@ -238,6 +238,10 @@ def _launch(args, cwd, env_extra, log_dir):
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _process_logs(log_dir) -> list[str]:
+    return [(log_dir / f"process{p}.log").read_text() for p in range(2)]
+
+
 def _process(launcher, process_id: int):
     """The training process the launcher started as process `process_id`."""
     for child in psutil.Process(launcher.pid).children():
@@ -283,7 +287,7 @@ def test_two_processes_in_a_bucket_stop_together_resume_and_match_one_device(
                 child.kill()
             launcher.kill()
             launcher.wait()
-    logs = [(log_dir / f"process{p}.log").read_text() for p in range(2)]
+    logs = _process_logs(log_dir)
     assert launcher.returncode != 0, (log_dir / "launcher.log").read_text()[-3000:]
     stopped = [re.search(r"stopped at step (\d+) \(SIGTERM", log) for log in logs]
     assert all(stopped), [log[-3000:] for log in logs]
@@ -304,7 +308,7 @@ def test_two_processes_in_a_bucket_stop_together_resume_and_match_one_device(
     # The same command resumes on both processes and ends the run.
     launcher = _launch(args, cwd, gcs, log_dir)
     launcher.wait(timeout=900)
-    logs = [(log_dir / f"process{p}.log").read_text() for p in range(2)]
+    logs = _process_logs(log_dir)
     assert launcher.returncode == 0, [log[-3000:] for log in logs]
     assert all(f"resumed from step {step}" in log for log in logs), [log[-3000:] for log in logs]
     assert checkpoint.steps(workdir)[-1] == STEPS
@@ -315,13 +319,21 @@ def test_two_processes_in_a_bucket_stop_together_resume_and_match_one_device(
     )
 
 
-def test_a_second_signal_quits_at_once(tmp_path):
-    """StopRequest: the first signal only asks the loop to stop (the process lives on), the
-    second ends the process at once with 128 + the signal, each acknowledged as it arrives."""
-    script = (
+def _python(script: str) -> subprocess.CompletedProcess:
+    """`python -c script` in the repository, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def _signalled_twice(stop_request: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """A process that builds `StopRequest(...)` with the arguments `stop_request`, sends itself
+    SIGUSR1, reports whether the request recorded it, sends it again and sleeps."""
+    return _python(
         "import os, signal, time\n"
+        f"{prelude}"
         "from blspkd_jax.training.trainer import StopRequest\n"
-        "stop = StopRequest([signal.SIGUSR1])\n"
+        f"stop = StopRequest({stop_request})\n"
         "os.kill(os.getpid(), signal.SIGUSR1)\n"
         "time.sleep(1)\n"
         "print('asked:', stop.signum == signal.SIGUSR1, flush=True)\n"
@@ -329,9 +341,12 @@ def test_a_second_signal_quits_at_once(tmp_path):
         "time.sleep(5)\n"
         "print('still alive', flush=True)\n"
     )
-    p = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+
+
+def test_a_second_signal_quits_at_once():
+    """StopRequest: the first signal only asks the loop to stop (the process lives on), the
+    second ends the process at once with 128 + the signal, each acknowledged as it arrives."""
+    p = _signalled_twice("[signal.SIGUSR1]")
     assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
     assert "asked: True" in p.stdout and "still alive" not in p.stdout
     assert "SIGUSR1: saving a checkpoint after this step" in p.stderr
@@ -353,9 +368,7 @@ def test_a_signal_while_starting_exits_even_inside_a_gc_callback():
         "time.sleep(5)\n"
         "print('still alive', flush=True)\n"
     )
-    p = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    p = _python(script)
     assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
     assert "SIGUSR1: nothing to save yet" in p.stderr and "still alive" not in p.stdout
 
@@ -365,21 +378,9 @@ def test_a_signal_is_forwarded_to_the_preemption_service_when_processes_must_agr
     signal records the request and sends SIGTERM to its own process, where JAX's preemption
     notifier takes it (here a stand-in handler prints instead); the loop then stops at the agreed
     step. A second signal still quits at once."""
-    script = (
-        "import os, signal, time\n"
-        "signal.signal(signal.SIGTERM, lambda *_: print('notifier got SIGTERM', flush=True))\n"
-        "from blspkd_jax.training.trainer import StopRequest\n"
-        "stop = StopRequest([signal.SIGUSR1], agree=True)\n"
-        "os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "time.sleep(1)\n"
-        "print('asked:', stop.signum == signal.SIGUSR1, flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "time.sleep(5)\n"
-        "print('still alive', flush=True)\n"
-    )
-    p = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    stand_in = "lambda *_: print('notifier got SIGTERM', flush=True)"
+    notifier = f"signal.signal(signal.SIGTERM, {stand_in})\n"
+    p = _signalled_twice("[signal.SIGUSR1], agree=True", prelude=notifier)
     assert p.returncode == 128 + signal.SIGUSR1, p.stdout + p.stderr
     assert "notifier got SIGTERM" in p.stdout and "asked: True" in p.stdout, p.stdout
     assert "still alive" not in p.stdout
