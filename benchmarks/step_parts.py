@@ -65,10 +65,6 @@ STAGES = ("teacher forward", "student forward", "loss terms", "backward", "clip 
 SPEECH = "of the student: speech path forward"
 
 
-def _block(tree):
-    return jax.block_until_ready(tree)
-
-
 def jax_programs(p, flat, batch) -> dict:
     """{stage: zero-argument callable} running the cumulative JAX programs on preset `p`."""
     model = BLSPKD(p.model)
@@ -101,17 +97,19 @@ def jax_programs(p, flat, batch) -> dict:
 
     def whole_step():
         box["state"], m = compiled(box["state"], gbatch, rng)
-        return _block((box["state"], m))
+        return jax.block_until_ready((box["state"], m))
 
-    fns = {name: jax.jit(f) for name, f in [("t", teacher), ("f", forward), ("s", speech)]}
-    fns["l"] = jax.jit(losses)
+    def on_batch(f):  # f(params, batch), jitted, run on this preset's batch
+        f = jax.jit(f)
+        return lambda: jax.block_until_ready(f(params, gbatch))
+
     return {
-        STAGES[0]: lambda: _block(fns["t"](params, gbatch)),
-        STAGES[1]: lambda: _block(fns["f"](params, gbatch)),
-        STAGES[2]: lambda: _block(fns["l"](params, gbatch)),
-        STAGES[3]: lambda: _block(grad_fn(trainable, frozen, gbatch, rng)),
+        STAGES[0]: on_batch(teacher),
+        STAGES[1]: on_batch(forward),
+        STAGES[2]: on_batch(losses),
+        STAGES[3]: lambda: jax.block_until_ready(grad_fn(trainable, frozen, gbatch, rng)),
         STAGES[4]: whole_step,
-        SPEECH: lambda: _block(fns["s"](params, gbatch)),
+        SPEECH: on_batch(speech),
     }
 
 
@@ -203,7 +201,7 @@ def time_matmuls(rows: int, d_in: int, d_out: int, repeats: int = 10) -> dict:
     for _ in range(repeats + 1):  # the first round warms up (and compiles)
         for k, (fn, args) in products.items():
             t0 = time.perf_counter()
-            _block(fn(*args))
+            jax.block_until_ready(fn(*args))
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
