@@ -8,6 +8,7 @@ Each test drives one in-process `Trainer` over `_runs.build_assets`' eight utter
 1.34 s: 50 to 134 mel frames), with tests/tiny.py's model."""
 
 import contextlib
+import json
 import logging
 import threading
 import traceback
@@ -37,6 +38,7 @@ LOGGED = (
     "mfu",
 )
 BUCKETS = ["--config.data.frame_buckets=(40, 80, 160)", "--config.data.token_buckets=(48,)"]
+MIXTURE = "--config.data.train_manifest={assets}/first.jsonl:1,{assets}/last.jsonl:3"
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +129,17 @@ def _record_compiles(monkeypatch, events, skip_at=()):
 @pytest.fixture(scope="module")
 def run(assets, tmp_path_factory):
     """A 7-step run over two occurring buckets (and one empty), bfloat16 encoder, checkpoints at
-    4 and 7, a final evaluation and one more after it; everything the tests below check about it
-    was recorded while it ran."""
+    4 and 7, a final evaluation and one more after it, its training data a mixture of two
+    sources (the manifest's first and last four rows, weights 1 and 3); everything the tests
+    below check about it was recorded while it ran."""
     workdir = tmp_path_factory.mktemp("host_loop_run") / "w"
+    lines = (assets / "train.jsonl").read_text().splitlines(keepends=True)
+    (assets / "first.jsonl").write_text("".join(lines[:4]))
+    (assets / "last.jsonl").write_text("".join(lines[4:]))
     config = _config(
         assets,
         *BUCKETS,
+        MIXTURE.format(assets=assets),
         f"--config.checkpoint_every_steps={CKPT_EVERY}",
         f"--config.data.eval_manifest={assets / 'train.jsonl'}",
         "--config.model.encoder.dtype=bfloat16",
@@ -209,6 +216,21 @@ def test_checkpoints_hold_the_position_of_the_consumed_batches(run):
     for step in mngr.all_steps():
         data = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         assert data["next_batch"] == step, (step, data)
+
+
+def test_metrics_count_the_examples_drawn_from_each_source(run):
+    """metrics.jsonl's examples/first and examples/last at each log step equal the real rows
+    of the sources in the batches a fresh pipeline yields up to that step."""
+    rows = [json.loads(x) for x in (run["workdir"] / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]  # the training rows, not the evaluation's
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    it = iter(run["trainer"].train_data)
+    batches = [next(it) for _ in range(TOTAL)]
+    it.close()
+    for r in rows:
+        seen = np.concatenate([b["source"][b["example_mask"]] for b in batches[: r["step"]]])
+        assert (r["examples/first"], r["examples/last"]) == (np.sum(seen == 0), np.sum(seen == 1))
+    assert rows[-1]["examples/last"] > rows[-1]["examples/first"] > 0
 
 
 def test_evaluation_compiles_once_per_shape(run):

@@ -11,9 +11,10 @@ import librosa
 import numpy as np
 import pytest
 from test_manifest import BAD_KINDS, write_bad_kinds, write_wav
-from tiny import tiny_chat_tokenizer
+from tiny import REPO, tiny_chat_tokenizer
 from transformers import WhisperFeatureExtractor
 
+from blspkd_jax.data import peek
 from blspkd_jax.data.manifest import DataError, read_manifest
 from blspkd_jax.data.pipeline import (
     BATCH_KEYS,
@@ -22,6 +23,7 @@ from blspkd_jax.data.pipeline import (
     eval_pipeline,
     train_pipeline,
 )
+from blspkd_jax.data.sources import parse_sources
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # librosa -> audioread
 
@@ -275,3 +277,152 @@ def test_config_errors_name_the_key(corpus, tok):
     ]:
         with pytest.raises(ValueError, match=key):
             eval_pipeline(_cfg(corpus, **kw), tok, process_index=0, process_count=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixtures: data.train_manifest=PATH:WEIGHT,...
+
+
+def test_source_specs_parse_and_bad_ones_name_the_key():
+    got = parse_sources(
+        "a/train.jsonl:3, gs://b/c/asr.jsonl:0.5,gs://b/d/other.jsonl,x/train.jsonl"
+    )
+    assert [(s.name, s.path, s.weight) for s in got] == [
+        ("train", "a/train.jsonl", 3.0),
+        ("asr", "gs://b/c/asr.jsonl", 0.5),
+        ("other", "gs://b/d/other.jsonl", 1.0),
+        ("x/train.jsonl", "x/train.jsonl", 1.0),  # a second "train": named by its path
+    ]
+    for spec, message in [
+        ("a.jsonl:0", "'a.jsonl:0': the weight must be a positive number"),
+        ("a.jsonl:-2", "the weight must be a positive number"),
+        ("a.jsonl,,b.jsonl", "an empty entry"),
+        ("", "is empty"),
+        ("a.jsonl,a.jsonl", "a.jsonl is named twice"),
+    ]:
+        with pytest.raises(ValueError, match=f"^data.eval_manifest.*{re.escape(message)}"):
+            parse_sources(spec, "data.eval_manifest")
+
+
+@pytest.fixture(scope="module")
+def two_sources(corpus, tmp_path_factory):
+    """The corpus split in two manifests beside it: rows 1-10 in big.jsonl, 11-15 in small.jsonl."""
+    lines = corpus.read_text().splitlines()
+    d = corpus.parent
+    (d / "big.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    (d / "small.jsonl").write_text("\n".join(lines[10:]) + "\n")
+    return d / "big.jsonl", d / "small.jsonl"
+
+
+def _drawn(batches):
+    """(source, line) of every real example, in order."""
+    return [
+        (int(s), int(x))
+        for b in batches
+        for s, x in zip(b["source"][b["example_mask"]], b["line"][b["example_mask"]], strict=True)
+    ]
+
+
+def test_a_mixture_draws_each_source_by_weight(two_sources, tok):
+    big, small = two_sources
+    spec = f"{big}:1,{small}:3"  # 10 and 5 rows; the small one 3x as often
+    p = train_pipeline(_cfg(spec), tok, process_index=0, process_count=1)
+    assert p.source_names == ["big", "small"] and p.plan.mixed
+    # The plan against the formula: an epoch draws about R = 15 rows; source i's rows up to
+    # epoch e are floor(e * q_i), q = 15 * (1/4, 3/4) = (3.75, 11.25).
+    epochs = 8
+    for i, q in enumerate((3.75, 11.25)):
+        drawn = sum(int((p.index.source_ids[p.plan.draw(e)] == i).sum()) for e in range(epochs))
+        assert drawn == int(np.floor(epochs * q))
+    # A source's rows are drawn in passes: each of its rows once before any twice.
+    small_rows = np.concatenate([p.plan.draw(e) for e in range(epochs)])
+    small_rows = small_rows[p.index.source_ids[small_rows] == 1]
+    for s in range(0, len(small_rows) - 5, 5):
+        assert sorted(small_rows[s : s + 5]) == sorted(np.flatnonzero(p.index.source_ids == 1))
+    # The batches: every example carries its source, its line is a line of that source, and
+    # the iterator's per-source counts equal the batches'.
+    it = iter(p)
+    n = sum(p.plan._count(e) for e in range(epochs))
+    batches = [next(it) for _ in range(n)]
+    drawn = _drawn(batches)
+    assert {x for s, x in drawn if s == 0} == set(range(1, 11))
+    assert {x for s, x in drawn if s == 1} == set(range(1, 6))
+    counts = it.examples_per_source
+    assert counts == {"big": sum(s == 0 for s, _ in drawn), "small": sum(s == 1 for s, _ in drawn)}
+    assert counts == {"big": 30, "small": 90}  # floor(8 * 3.75), floor(8 * 11.25)
+    it.close()
+
+
+def test_a_mixture_is_seeded_resumes_exactly_and_splits_over_processes(two_sources, tok):
+    big, small = two_sources
+    spec = f"{big}:2,{small}:1"
+    p = train_pipeline(_cfg(spec), tok, process_index=0, process_count=1)
+    it = iter(p)
+    k = p.batches_per_epoch + 3  # a resumed stream crosses epochs of different lengths
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(10)]
+    it.close()
+    again = iter(train_pipeline(_cfg(spec), tok, process_index=0, process_count=1))
+    _assert_same([next(again) for _ in range(k + 10)][k:], expected)
+    fresh = iter(train_pipeline(_cfg(spec), tok, process_index=0, process_count=1))
+    fresh.set_state(state)
+    assert fresh.examples_per_source == state["examples_per_source"]
+    _assert_same([next(fresh) for _ in range(10)], expected)
+    other = iter(train_pipeline(_cfg(spec, seed=1), tok, process_index=0, process_count=1))
+    assert _drawn([next(other) for _ in range(k + 10)][k:]) != _drawn(expected)
+    # Two processes: one bucket per step, disjoint halves, together the one-process stream.
+    one = iter(
+        train_pipeline(_cfg(spec, batch_size_per_process=4), tok, process_index=0, process_count=1)
+    )
+    halves = [
+        iter(train_pipeline(_cfg(spec), tok, process_index=i, process_count=2)) for i in (0, 1)
+    ]
+    for _ in range(12):
+        whole, b0, b1 = next(one), next(halves[0]), next(halves[1])
+        assert b0["input_ids"].shape == b1["input_ids"].shape == whole["input_ids"][:2].shape
+        for key in ("line", "source", "input_ids"):
+            np.testing.assert_array_equal(np.concatenate([b0[key], b1[key]]), whole[key])
+
+
+def test_an_eval_mixture_reads_every_row_of_every_source_once(two_sources, tok):
+    big, small = two_sources
+    p = eval_pipeline(_cfg(f"{big}:5,{small}"), tok, process_index=0, process_count=1)
+    drawn = _drawn(_epoch(p))
+    assert sorted(drawn) == [(0, x) for x in range(1, 11)] + [(1, x) for x in range(1, 6)]
+
+
+def test_peek_prints_the_batches_training_would_read(two_sources, tok, capsys):
+    big, small = two_sources
+    spec = f"{big}:1,{small}:3"
+    argv = [
+        "--config",
+        str(REPO / "configs/tiny.py"),
+        "--batches",
+        "6",
+        f"--config.data.train_manifest={spec}",
+        f"--config.model.llm.tokenizer_path={tok.name_or_path}",
+        "--config.batch_size=2",
+        "--config.model.encoder.num_mel_bins=80",
+        "--config.data.frame_buckets=(60, 120, 200)",
+        "--config.data.token_buckets=(16, 24, 40)",
+        "--config.data.max_seconds=2.0",
+        "--config.data.max_text_tokens=12",
+    ]
+    assert peek.main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    expected = _epoch(train_pipeline(_cfg(spec), tok, process_index=0, process_count=1), 6)
+    assert len(lines) == 6
+    for line, b in zip(lines, expected, strict=True):
+        assert sorted(line) == ["frames", "ids", "sources", "tokens"]
+        assert (line["frames"], line["tokens"]) == (
+            b["features"].shape[-1],
+            b["input_ids"].shape[-1],
+        )
+        # Row ids default to the audio as written: big.jsonl's line n is u{n-1}.wav, small's
+        # u{n+9}.wav.
+        want = [(f"u{x - 1 + 10 * s}.wav", ["big", "small"][s]) for s, x in _drawn([b])]
+        assert list(zip(line["ids"], line["sources"], strict=True)) == want
+    assert peek.main([*argv, "--config.data.nope=1"]) == 2
+    assert "data.nope" in capsys.readouterr().err

@@ -219,6 +219,11 @@ def build_layout(
     return ChatLayout(tokenizer, system, chat_template, instruction)(transcript, response)
 
 
+# Host-side keys the pipeline adds to a batch (which manifest line and which source each example
+# came from): not model inputs, so the training and evaluation loops drop them before sending.
+HOST_KEYS = ("line", "source")
+
+
 def make_batch(
     examples: Sequence[dict | None],
     *,

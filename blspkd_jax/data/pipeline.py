@@ -40,6 +40,7 @@ from blspkd_jax.data.features import log_mel
 from blspkd_jax.data.layout import DEFAULT_SYSTEM, ChatLayout, make_batch
 from blspkd_jax.data.manifest import BadRow, DataError
 from blspkd_jax.data.plan import Plan, make_plan
+from blspkd_jax.data.sources import parse_sources
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ BATCH_KEYS = (
     "text_lengths",
     "example_mask",
     "line",
+    "source",
 )
 _SKIPPED = "_skipped"  # per-batch JSON list of decode-time failures; popped by BatchIterator
 
@@ -150,10 +152,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Index:
-    """Usable rows of one manifest, as flat arrays (cheap to pickle into every worker)."""
+    """Usable rows of one manifest or of several (a mixture), as flat arrays (cheap to pickle
+    into every worker)."""
 
-    manifest: str
-    source: str  # the file workers re-read lines from: the manifest, or a local copy of a URL's
+    manifests: tuple[str, ...]  # per source
+    files: tuple[str, ...]  # per source, the file workers re-read lines from (a URL's local copy)
+    source_ids: np.ndarray  # int64 [R]: the row's source
     lines: np.ndarray  # int64 [R]: 1-based manifest line
     offsets: np.ndarray  # int64 [R]: byte offset of the line, for workers to re-read it
     sample_rates: np.ndarray  # int64 [R]: the file's rate
@@ -166,6 +170,22 @@ class Index:
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    @classmethod
+    def concat(cls, parts: list[Index]) -> Index:
+        """One index over several sources' (each a one-manifest index), in order."""
+        arrays = {
+            f.name: np.concatenate([getattr(p, f.name) for p in parts])
+            for f in dataclasses.fields(cls)
+            if f.name not in ("manifests", "files", "source_ids")
+        }
+        sources = [np.full(len(p), i, np.int64) for i, p in enumerate(parts)]
+        return cls(
+            manifests=tuple(m for p in parts for m in p.manifests),
+            files=tuple(f for p in parts for f in p.files),
+            source_ids=np.concatenate(sources),
+            **arrays,
+        )
 
 
 def build_index(
@@ -234,8 +254,9 @@ def build_index(
     idx = [i for i, _ in keep]
     infos = [info for _, info in keep]
     index = Index(
-        manifest=manifest,
-        source=source,
+        manifests=(manifest,),
+        files=(source,),
+        source_ids=np.zeros(len(idx), np.int64),
         lines=np.array([rows[i].line for i in idx], np.int64),
         offsets=np.array([offsets[i] for i in idx], np.int64),
         sample_rates=np.array([x.sample_rate for x in infos], np.int64),
@@ -278,10 +299,15 @@ class LoadBatch(grain.transforms.Map):
 
     def rows(self, k: int) -> tuple[np.ndarray, int]:
         """(index rows of this process's slice of global batch k, -1 = padding; bucket id)."""
-        epoch, j = divmod(int(k), self.plan.batches_per_epoch)
-        rows, buckets = self._epoch_plan(epoch)
+        rows, bucket = self.global_rows(k)
         p, b = self.process_index, self.batch_size
-        return rows[j, p * b : (p + 1) * b], int(buckets[j])
+        return rows[p * b : (p + 1) * b], bucket
+
+    def global_rows(self, k: int) -> tuple[np.ndarray, int]:
+        """(index rows of global batch k, -1 = padding; bucket id)."""
+        epoch, j = self.plan.locate(k)
+        rows, buckets = self._epoch_plan(epoch)
+        return rows[j], int(buckets[j])
 
     def map(self, k: int) -> dict[str, Any]:
         # One BLAS thread while decoding: workers already run in parallel, and OpenBLAS's own
@@ -300,11 +326,12 @@ class LoadBatch(grain.transforms.Map):
     def _map(self, k: int) -> dict[str, Any]:
         rows, bucket = self.rows(k)
         frames, tokens = self.plan.shape(bucket)
-        examples, lines, skipped = [], [], []
+        examples, lines, sources, skipped = [], [], [], []
         for r in rows:
             ex = None if r < 0 else self._example(int(r), skipped)
             examples.append(ex)
             lines.append(-1 if ex is None else int(self.index.lines[r]))
+            sources.append(-1 if ex is None else int(self.index.source_ids[r]))
         batch = make_batch(
             examples,
             batch_size=self.batch_size,
@@ -314,21 +341,24 @@ class LoadBatch(grain.transforms.Map):
             pad_id=self.layout.pad_id,
         )
         batch["line"] = np.asarray(lines, np.int32)
+        batch["source"] = np.asarray(sources, np.int32)
         batch[_SKIPPED] = json.dumps(skipped)
         return batch
 
     def _example(self, r: int, skipped: list) -> dict | None:
         ix = self.index
+        s = int(ix.source_ids[r])
+        manifest = ix.manifests[s]
         row = manifest_lib.parse_line(
-            manifest_lib.read_line_at(ix.source, int(ix.offsets[r])),
+            manifest_lib.read_line_at(ix.files[s], int(ix.offsets[r])),
             int(ix.lines[r]),
-            storage.parent(ix.manifest),
+            storage.parent(manifest),
         )
         info = audio_lib.AudioInfo(int(ix.sample_rates[r]), 0, int(ix.num_samples[r]))
         try:
             wave = audio_lib.load(row.audio, row.offset, row.duration, info)
         except audio_lib.AudioError as e:
-            skipped.append(BadRow(ix.manifest, row.line, str(e), row.audio).to_json())
+            skipped.append(BadRow(manifest, row.line, str(e), row.audio).to_json())
             return None
         # The index chose the bucket from this length; the resampler already pads/trims to it,
         # and pinning it here means no decode path can ever overflow the bucket.
@@ -354,6 +384,7 @@ class BatchIterator(grain.DatasetIterator):
         self._pipeline = pipeline
         self._next = 0
         self._dropped = 0
+        self._drawn = np.zeros(len(pipeline.source_names), np.int64)
         self._it: grain.DatasetIterator | None = None
 
     def _open(self) -> grain.DatasetIterator:
@@ -365,6 +396,9 @@ class BatchIterator(grain.DatasetIterator):
         if self._next >= self._pipeline.num_batches:
             raise StopIteration
         batch = next(self._open())
+        rows, _ = self._pipeline._planner.global_rows(self._next)
+        sources = self._pipeline.index.source_ids[rows[rows >= 0]]
+        self._drawn += np.bincount(sources, minlength=len(self._drawn))
         self._next += 1
         skipped = [BadRow.from_json(d) for d in json.loads(batch.pop(_SKIPPED))]
         batch = {k: np.asarray(v) for k, v in batch.items()}
@@ -380,14 +414,26 @@ class BatchIterator(grain.DatasetIterator):
         """Rows that passed the startup index but failed to decode, so far (padding rows now)."""
         return self._dropped
 
+    @property
+    def examples_per_source(self) -> dict[str, int]:
+        """Examples of the global batches yielded so far, by source name (a row that failed to
+        decode counts where it was drawn; `skipped.jsonl` lists it)."""
+        return dict(zip(self._pipeline.source_names, self._drawn.tolist(), strict=True))
+
     def get_state(self) -> dict[str, Any]:
-        return {"next_batch": self._next, "dropped_at_decode": self._dropped}
+        return {
+            "next_batch": self._next,
+            "dropped_at_decode": self._dropped,
+            "examples_per_source": self.examples_per_source,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.close()
         self._closed = False
         self._next = int(state["next_batch"])
         self._dropped = int(state.get("dropped_at_decode", 0))
+        drawn = state.get("examples_per_source") or {}
+        self._drawn = np.array([int(drawn.get(n, 0)) for n in self._pipeline.source_names])
 
     def start_prefetch(self) -> None:
         self._open().start_prefetch()
@@ -404,10 +450,11 @@ class BatchIterator(grain.DatasetIterator):
 
 
 class DataPipeline:
-    """One manifest -> an iterable of batches for this process.
+    """One manifest, or a mixture (`sources`), -> an iterable of batches for this process.
 
-    `train=True` shuffles (if `config.shuffle`) and repeats forever; `train=False` makes one
-    pass in manifest order (within each bucket), padding the last batch of each bucket.
+    `train=True` shuffles (if `config.shuffle`), draws a mixture's sources by weight and repeats
+    forever; `train=False` makes one pass in manifest order (within each bucket; a mixture's
+    sources one after another, every row once), padding the last batch of each bucket.
     `process_index`/`process_count` default to JAX's; every process must build the pipeline
     with the same config and manifest. `tokenizer` is a Hugging Face tokenizer or its directory.
     """
@@ -422,8 +469,10 @@ class DataPipeline:
         train: bool = True,
         process_index: int | None = None,
         process_count: int | None = None,
+        key: str = "manifest",
     ):
         config.validate()
+        sources = parse_sources(manifest, key)
         if process_index is None or process_count is None:
             import jax  # only here: the workers never need it
 
@@ -440,23 +489,29 @@ class DataPipeline:
             tokenizer, config.system_prompt or None, config.chat_template, config.instruction
         )
         self._logged: set | None = None
-        self.index, self.bad_rows = build_index(manifest, self.layout, config)
-        if process_index == 0:  # every process finds the same ones; decode failures are per process
-            self._log_skipped(self.bad_rows)
-        if not len(self.index):
-            raise DataError(
-                f"{manifest}: no usable rows ({len(self.bad_rows)} bad"
-                + (f"; see {self._skipped_path()}" if workdir else "")
-                + ")"
-            )
-        if self.bad_rows:
-            log.warning(
-                "%s: skipping %d of %d rows (reasons in %s)",
-                manifest,
-                len(self.bad_rows),
-                len(self.bad_rows) + len(self.index),
-                self._skipped_path() or "the pipeline's bad_rows",
-            )
+        self.source_names = [s.name for s in sources]
+        parts, self.bad_rows = [], []
+        for source in sources:
+            index, bad = build_index(source.path, self.layout, config)
+            parts.append(index)
+            self.bad_rows += bad
+            if process_index == 0:  # all processes find the same; decode failures are per process
+                self._log_skipped(bad)
+            if not len(index):
+                raise DataError(
+                    f"{source.path}: no usable rows ({len(bad)} bad"
+                    + (f"; see {self._skipped_path()}" if workdir else "")
+                    + ")"
+                )
+            if bad:
+                log.warning(
+                    "%s: skipping %d of %d rows (reasons in %s)",
+                    source.path,
+                    len(bad),
+                    len(bad) + len(index),
+                    self._skipped_path() or "the pipeline's bad_rows",
+                )
+        self.index = parts[0] if len(parts) == 1 else Index.concat(parts)
         # No example's transcript starts before this position: the train step may let the
         # student reuse the teacher's keys and values up to here (`StepConfig.shared_prefix`).
         self.shared_prefix = int(self.index.prefixes.min())
@@ -468,8 +523,11 @@ class DataPipeline:
             global_batch=config.batch_size_per_process * process_count,
             seed=config.seed,
             shuffle=train and config.shuffle,
+            sources=self.index.source_ids,
+            weights=[s.weight for s in sources],
         )
         self.num_batches = sys.maxsize if train else self.plan.batches_per_epoch
+        self._planner = self._load_batch()  # this process's copy, for the iterator's counts
 
     @property
     def batches_per_epoch(self) -> int:
@@ -549,9 +607,25 @@ class DataPipeline:
 
 def train_pipeline(config: DataConfig, tokenizer, workdir: str | None = None, **kw) -> DataPipeline:
     """The training pipeline over `config.train_manifest` (shuffled, repeating)."""
-    return DataPipeline(config, tokenizer, config.train_manifest, workdir=workdir, train=True, **kw)
+    return DataPipeline(
+        config,
+        tokenizer,
+        config.train_manifest,
+        workdir=workdir,
+        train=True,
+        key="data.train_manifest",
+        **kw,
+    )
 
 
 def eval_pipeline(config: DataConfig, tokenizer, workdir: str | None = None, **kw) -> DataPipeline:
     """The evaluation pipeline over `config.eval_manifest` (one ordered pass)."""
-    return DataPipeline(config, tokenizer, config.eval_manifest, workdir=workdir, train=False, **kw)
+    return DataPipeline(
+        config,
+        tokenizer,
+        config.eval_manifest,
+        workdir=workdir,
+        train=False,
+        key="data.eval_manifest",
+        **kw,
+    )

@@ -17,6 +17,7 @@ import ml_collections
 
 from blspkd_jax.data import storage
 from blspkd_jax.data.pipeline import DataConfig
+from blspkd_jax.data.sources import parse_sources
 from blspkd_jax.models import hf
 from blspkd_jax.models.adapter import CFormerConfig
 from blspkd_jax.models.blspkd import BLSPKDConfig
@@ -238,8 +239,15 @@ def check_config(config: ml_collections.ConfigDict, model_cfg: BLSPKDConfig) -> 
                 "data.train_manifest is empty: set --config.data.train_manifest=PATH (a JSON "
                 "Lines manifest, see python -m blspkd_jax.data.check)"
             )
-        if path and not storage.isfile(path):  # a local path or a URL (gs://...)
-            raise ConfigError(f"{key}={path}: file not found")
+        if not path:
+            continue
+        try:
+            sources = parse_sources(path, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for source in sources:  # a local path or a URL (gs://...)
+            if not storage.isfile(source.path):
+                raise ConfigError(f"{key}: {source.path}: file not found")
     tokenizer_path(config)
     for key in ("model.encoder.hf_path", "model.llm.hf_path", "model.llm.tokenizer_path"):
         part, name = key.rsplit(".", 1)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blspkd_jax.data.layout import HOST_KEYS
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD
 from blspkd_jax.models.cif import quantity_loss
@@ -215,7 +216,8 @@ def consistency(
         for i, batch in enumerate(it):
             if max_batches and i >= max_batches:
                 break
-            batch.pop("line", None)
+            for key in HOST_KEYS:
+                batch.pop(key, None)
             batch = cast_features(batch, dtype)
             with sharding.activate(mesh):
                 results.append(sums_fn(params, global_batch(mesh, batch)))

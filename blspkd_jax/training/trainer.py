@@ -33,7 +33,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blspkd_jax.data import storage
+from blspkd_jax.data.layout import HOST_KEYS
 from blspkd_jax.data.pipeline import eval_pipeline, train_pipeline
+from blspkd_jax.data.sources import parse_sources
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, example_batch
 from blspkd_jax.models.llm import is_lora_path
@@ -225,11 +227,14 @@ class Trainer:
         # A string (a local path as given, or a URL): pathlib would turn gs://b/r into ./gs:/b/r.
         self.workdir = os.fspath(workdir).rstrip("/") or "/"
         d = config.data
-        for key, path in (
-            ("--workdir", self.workdir),
-            ("data.train_manifest", d.train_manifest),
-            ("data.eval_manifest", d.eval_manifest),
-        ):
+        paths = [("--workdir", self.workdir)]
+        for key in ("data.train_manifest", "data.eval_manifest"):
+            spec = d[key.split(".")[1]]
+            try:
+                paths += [(key, s.path) for s in parse_sources(spec, key)] if spec else []
+            except ValueError as e:
+                raise config_lib.ConfigError(str(e)) from None
+        for key, path in paths:
             if storage.is_url(path):
                 try:
                     storage.as_path(path)
@@ -382,7 +387,8 @@ class Trainer:
         """The next training batch on the mesh (features in the compute dtype) and its bucket
         shape (F, L). The device copy starts at once; it overlaps the step in flight."""
         batch = next(self.iterator)
-        batch.pop("line", None)
+        for key in HOST_KEYS:
+            batch.pop(key, None)
         batch = cast_features(batch, self.feature_dtype)
         shape = (batch["features"].shape[-1], batch["input_ids"].shape[-1])
         if shape not in self.compiled:  # only if the plan's buckets missed one: never expected
@@ -505,6 +511,8 @@ class Trainer:
                             "dropped_at_decode", self.iterator.dropped_at_decode
                         ),
                     )
+                    drawn = self._data_state.get("examples_per_source", {})
+                    last.update({f"examples/{name}": n for name, n in drawn.items()})
                     if self.flops_per_step > 0:
                         last["mfu"] = window_flops / elapsed / peak
                     writer.write(step, last)
