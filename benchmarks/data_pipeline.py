@@ -10,6 +10,11 @@ the time spent waiting for batches is reported: on a 2-core machine workers and 
 
     .venv/bin/python benchmarks/data_pipeline.py            # 384 utterances, workers 0/1/2
     .venv/bin/python benchmarks/data_pipeline.py --quick    # 64 utterances, seconds
+    .venv/bin/python benchmarks/data_pipeline.py --startup 100000   # start-up, with/without index
+
+`--startup ROWS` times only the start-up of ROWS rows on `--processes` (2) processes at once: the
+manifest's index (every transcript tokenised, every audio header probed) built every time, built
+and written once, or read from the file the first start wrote (`blspkd_jax.data.index`).
 """
 
 from __future__ import annotations
@@ -171,6 +176,72 @@ def time_step(vocab: int, cfg: DataConfig, batches: list[dict]):
     return (time.perf_counter() - start) / len(batches), step, state, len(shapes)
 
 
+def _start(cfg: DataConfig, tok_dir: str, process: int, processes: int, out) -> None:
+    """One process's pipeline start-up (index and plan), timed; its seconds go to `out`."""
+    start = time.perf_counter()
+    train_pipeline(cfg, tok_dir, process_index=process, process_count=processes)
+    out.put((process, time.perf_counter() - start))
+
+
+def time_startup(cfg: DataConfig, tok_dir: str, processes: int) -> float:
+    """Seconds until every one of `processes` local processes has its pipeline (the slowest),
+    each started at once as the processes of a multi-host run are; imports excluded."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the imports are done once, here
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_start, args=(cfg, tok_dir, i, processes, out)) for i in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    times = dict(out.get() for _ in procs)
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"start-up process failed with exit code {p.exitcode}")
+    return max(times.values())
+
+
+def time_startups(rows: int, processes: int) -> None:
+    """`--startup ROWS`: a ROWS-row manifest (its rows cycle over 256 recordings, each with its own
+    transcript) started by `processes` processes: without an index, the first start with one
+    (it builds and writes it) and a later start (it reads it)."""
+    d = Path(tempfile.mkdtemp(prefix="bench_startup_"))
+    make_tokenizer(d / "tok", 512)
+    make_corpus(d, 256)
+    rng = np.random.default_rng(2)
+    lines = [
+        json.dumps({"audio": f"u{i % 256}.wav", "text": " ".join(rng.choice(WORDS, 12))})
+        for i in range(rows)
+    ]
+    manifest = d / "big.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(
+        train_manifest=str(manifest),
+        batch_size_per_process=8,
+        frame_buckets=(200, 400, 600),
+        token_buckets=(48, 64),
+        min_seconds=0.5,
+        max_seconds=6.0,
+        max_text_tokens=32,
+    )
+    print(f"start-up of a {rows:,}-row manifest on {processes} processes, {os.cpu_count()} cores\n")
+    print("| start-up | seconds (slowest process) |")
+    print("|---|---|")
+    without = time_startup(
+        DataConfig(**{**cfg.__dict__, "cache_index": False}), str(d / "tok"), processes
+    )
+    print(f"| no index (data.cache_index=False) | {without:.2f} |")
+    first = time_startup(cfg, str(d / "tok"), processes)
+    print(f"| first start: builds and writes the index | {first:.2f} |")
+    later = time_startup(cfg, str(d / "tok"), processes)
+    print(f"| later start: reads the index | {later:.2f} |")
+    print(f"\nindex / no index: {without / later:.1f}x faster (goal >= 10x)")
+    print(json.dumps({"rows": rows, "processes": processes, "no_index_s": round(without, 3),
+                      "first_s": round(first, 3), "indexed_s": round(later, 3)}))  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -178,7 +249,16 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="batch size per process")
     ap.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--no-step", action="store_true", help="pipeline only, no train step")
+    ap.add_argument(
+        "--startup",
+        type=int,
+        metavar="ROWS",
+        help="only time start-up (the index) of a ROWS-row manifest, e.g. 100000",
+    )
+    ap.add_argument("--processes", type=int, default=2, help="processes for --startup")
     args = ap.parse_args()
+    if args.startup:
+        return time_startups(args.startup, args.processes)
     n = args.utterances or (64 if args.quick else 384)
     d = Path(tempfile.mkdtemp(prefix="bench_data_"))
     tok = make_tokenizer(d / "tok", 512)

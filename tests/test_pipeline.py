@@ -14,7 +14,10 @@ from test_manifest import BAD_KINDS, write_bad_kinds, write_wav
 from tiny import REPO, tiny_chat_tokenizer
 from transformers import WhisperFeatureExtractor
 
+from blspkd_jax.data import audio as audio_lib
+from blspkd_jax.data import index as index_lib
 from blspkd_jax.data import peek
+from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.manifest import DataError, read_manifest
 from blspkd_jax.data.pipeline import (
     BATCH_KEYS,
@@ -426,3 +429,59 @@ def test_peek_prints_the_batches_training_would_read(two_sources, tok, capsys):
         assert list(zip(line["ids"], line["sources"], strict=True)) == want
     assert peek.main([*argv, "--config.data.nope=1"]) == 2
     assert "data.nope" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The index, built once: MANIFEST.index-KEY.npz beside the manifest.
+
+
+def _indexes(folder, name):
+    return sorted(p.name for p in folder.glob(f"{name}.index-*.npz"))
+
+
+def _same_index(a, b):
+    assert a.manifests == b.manifests and a.files == b.files
+    for f in ("source_ids", *index_lib._SAVED):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
+def test_a_later_start_reads_the_index_instead_of_probing_and_tokenising(
+    corpus, tok, tmp_path, monkeypatch
+):
+    kinds = write_bad_kinds(tmp_path)
+    path, expect = _mixed_manifest(tmp_path, corpus, kinds)
+    first = eval_pipeline(_cfg(path), tok, process_index=0, process_count=1)
+    assert len(_indexes(tmp_path, path.name)) == 1
+    monkeypatch.setattr(audio_lib, "probe", lambda *a, **k: pytest.fail("probed an audio file"))
+    monkeypatch.setattr(ChatLayout, "lengths", lambda *a, **k: pytest.fail("tokenised a row"))
+    second = eval_pipeline(_cfg(path), tok, process_index=0, process_count=1)
+    _same_index(second.index, first.index)
+    assert second.bad_rows == first.bad_rows and len(first.bad_rows) > 0
+    _assert_same(_epoch(second), _epoch(first))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:"):  # strict: from the file too
+        eval_pipeline(_cfg(path, strict=True), tok, process_index=0, process_count=1)
+
+
+def test_the_index_follows_the_manifest_the_tokenizer_and_the_limits(corpus, tok, tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = corpus.read_text().splitlines()
+    for i in range(15):
+        (tmp_path / f"u{i}.wav").write_bytes((corpus.parent / f"u{i}.wav").read_bytes())
+    path.write_text("\n".join(lines[:10]) + "\n")
+    eval_pipeline(_cfg(path), tok, process_index=0, process_count=1)
+    eval_pipeline(_cfg(path, max_text_tokens=3), tok, process_index=0, process_count=1)
+    assert len(_indexes(tmp_path, "m.jsonl")) == 2  # other limits: another index
+    path.write_text("\n".join(lines) + "\n")  # the manifest grew: a new index, all 15 rows
+    p = eval_pipeline(_cfg(path), tok, process_index=0, process_count=1)
+    assert len(_indexes(tmp_path, "m.jsonl")) == 3 and len(p.index) == 15
+    fresh = index_lib.build_index(str(path), p.layout, _cfg(path))[0]
+    _same_index(p.index, fresh)
+    # A damaged index file is rebuilt, not trusted; data.cache_index=False writes none.
+    for name in _indexes(tmp_path, "m.jsonl"):
+        (tmp_path / name).write_bytes(b"not an index")
+    p = eval_pipeline(_cfg(path), tok, process_index=0, process_count=1)
+    _same_index(p.index, fresh)
+    other = tmp_path / "other.jsonl"
+    other.write_text(path.read_text())
+    eval_pipeline(_cfg(other, cache_index=False), tok, process_index=0, process_count=1)
+    assert _indexes(tmp_path, "other.jsonl") == []

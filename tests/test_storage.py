@@ -123,6 +123,13 @@ def test_manifest_audio_and_batches_read_from_gs_match_local(assets):
             np.testing.assert_array_equal(r[k], loc[k], err_msg=k)
     skipped = storage.as_path(f"{BUCKET}/pipeline/skipped.jsonl").read_text().splitlines()
     assert [json.loads(s)["line"] for s in skipped] == [9]
+    # The index went into the bucket beside the manifest, and the next start reads it.
+    written = [p.name for p in storage.as_path(f"{BUCKET}/data").glob("train.jsonl.index-*.npz")]
+    assert len(written) == 1
+    again = batches(f"{BUCKET}/data/train.jsonl", f"{BUCKET}/pipeline")
+    for r, loc in zip(again, local, strict=True):
+        for k in r:
+            np.testing.assert_array_equal(r[k], loc[k], err_msg=k)
 
 
 def test_curves_of_a_gs_workdir_are_drawn_into_the_bucket(gcs):

@@ -1,8 +1,9 @@
 """The grain input pipeline: manifest -> bucketed, padded batches in the docs/method.md §4 layout.
 
-Startup indexes the manifest (JSON, keys, transcript tokens, audio headers: cheap, no decoding),
-so every usable row's bucket is known before any audio is read. From that index a pure function
-of (seed, epoch) plans the epoch: rows are shuffled, grouped by bucket, cut into *global* batches,
+Startup indexes the manifest (JSON, keys, transcript tokens, audio headers: cheap, no decoding;
+`data.index` keeps it beside the manifest for later starts), so every usable row's bucket is
+known before any audio is read. From that index a pure function of (seed, epoch) plans the epoch
+(`data.plan`, which also draws a mixture's sources by weight): rows are shuffled, grouped by bucket, cut into *global* batches,
 and the batch order shuffled. Batch k is therefore a pure function of k, which gives three things:
 
 - exact resumption: the iterator's state is just the next batch number;
@@ -22,12 +23,10 @@ With `strict=True` the first bad row raises `DataError("MANIFEST:LINE: reason")`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grain
@@ -37,8 +36,10 @@ from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
 from blspkd_jax.data import storage
 from blspkd_jax.data.features import log_mel
-from blspkd_jax.data.layout import DEFAULT_SYSTEM, ChatLayout, make_batch
+from blspkd_jax.data.index import Index, index_manifest
+from blspkd_jax.data.layout import ChatLayout, make_batch
 from blspkd_jax.data.manifest import BadRow, DataError
+from blspkd_jax.data.options import DataConfig
 from blspkd_jax.data.plan import Plan, make_plan
 from blspkd_jax.data.sources import parse_sources
 
@@ -57,217 +58,6 @@ BATCH_KEYS = (
     "source",
 )
 _SKIPPED = "_skipped"  # per-batch JSON list of decode-time failures; popped by BatchIterator
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Data options; the names match the `data.*` keys of the training config."""
-
-    train_manifest: str = ""
-    eval_manifest: str = ""
-    batch_size_per_process: int = 8
-    frame_buckets: tuple[int, ...] = (1000, 2000, 3000)  # mel frames, 100 per second; even
-    token_buckets: tuple[int, ...] = (64, 128, 256)  # teacher sequence length L
-    min_seconds: float = manifest_lib.MIN_SECONDS
-    max_seconds: float = manifest_lib.MAX_SECONDS
-    max_text_tokens: int = manifest_lib.MAX_TEXT_TOKENS  # transcript tokens N (CIF target length)
-    n_mels: int = 80
-    worker_count: int = 2  # decoding processes; 0 decodes in the calling thread
-    worker_buffer_size: int = 2  # batches each worker keeps ready
-    probe_threads: int = 8  # threads reading audio headers at startup
-    seed: int = 0
-    shuffle: bool = True  # training order; eval never shuffles
-    strict: bool = False  # raise at the first bad row instead of skipping it
-    instruction: str = ""  # used where a row has no "instruction"
-    system_prompt: str = DEFAULT_SYSTEM  # "" sends no system turn (the template's default applies)
-    chat_template: str = ""  # overrides the tokenizer's own template when set
-
-    @classmethod
-    def from_config(cls, config, process_count: int) -> DataConfig:
-        """This process's data options from a run's config (`data.*`, the global `batch_size`
-        split over `process_count` processes, `seed`)."""
-        if config.batch_size <= 0 or config.batch_size % process_count:
-            raise ValueError(
-                f"batch_size={config.batch_size}: expected a positive multiple of the "
-                f"{process_count} processes (it is the global batch)"
-            )
-        d = config.data
-        return cls(
-            train_manifest=d.train_manifest,
-            eval_manifest=d.eval_manifest,
-            batch_size_per_process=config.batch_size // process_count,
-            frame_buckets=tuple(d.frame_buckets),
-            token_buckets=tuple(d.token_buckets),
-            min_seconds=d.min_seconds,
-            max_seconds=d.max_seconds,
-            max_text_tokens=d.max_text_tokens,
-            n_mels=d.n_mels,
-            worker_count=d.worker_count,
-            worker_buffer_size=d.worker_buffer_size,
-            seed=config.seed,
-            shuffle=d.shuffle,
-            strict=d.strict,
-            instruction=d.instruction,
-            system_prompt=d.system_prompt,
-            chat_template=d.chat_template,
-        )
-
-    def validate(self) -> None:
-        """Raise ValueError naming the `data.*` key that is out of range."""
-        fb, tb = self.frame_buckets, self.token_buckets
-        if not fb or any(f <= 0 or f % 2 for f in fb) or list(fb) != sorted(set(fb)):
-            raise ValueError(
-                f"data.frame_buckets must be increasing positive even frame counts (the encoder "
-                f"halves them), got {fb}"
-            )
-        if not tb or any(t <= 0 for t in tb) or list(tb) != sorted(set(tb)):
-            raise ValueError(f"data.token_buckets must be increasing positive lengths, got {tb}")
-        if self.batch_size_per_process <= 0:
-            raise ValueError(
-                f"data.batch_size_per_process must be positive, got {self.batch_size_per_process}"
-            )
-        # log_mel needs more than half an STFT window (200 samples) of audio.
-        if not 0.02 <= self.min_seconds < self.max_seconds:
-            raise ValueError(
-                f"data.min_seconds ({self.min_seconds}) must be >= 0.02 and below "
-                f"data.max_seconds ({self.max_seconds})"
-            )
-        if audio_lib.num_frames(int(self.max_seconds * audio_lib.SAMPLE_RATE)) > fb[-1]:
-            raise ValueError(
-                f"data.max_seconds={self.max_seconds} gives up to "
-                f"{int(self.max_seconds * audio_lib.FRAMES_PER_SECOND)} mel frames, more than the "
-                f"largest of data.frame_buckets={fb}"
-            )
-        if self.max_text_tokens <= 0:
-            raise ValueError(f"data.max_text_tokens must be positive, got {self.max_text_tokens}")
-        if self.worker_count < 0 or self.worker_buffer_size <= 0 or self.probe_threads <= 0:
-            raise ValueError(
-                "data.worker_count must be >= 0 and data.worker_buffer_size, data.probe_threads > 0"
-            )
-
-
-# ----------------------------------------------------------------------------------------------
-# Index: one pass over the manifest at startup.
-
-
-@dataclasses.dataclass(frozen=True)
-class Index:
-    """Usable rows of one manifest or of several (a mixture), as flat arrays (cheap to pickle
-    into every worker)."""
-
-    manifests: tuple[str, ...]  # per source
-    files: tuple[str, ...]  # per source, the file workers re-read lines from (a URL's local copy)
-    source_ids: np.ndarray  # int64 [R]: the row's source
-    lines: np.ndarray  # int64 [R]: 1-based manifest line
-    offsets: np.ndarray  # int64 [R]: byte offset of the line, for workers to re-read it
-    sample_rates: np.ndarray  # int64 [R]: the file's rate
-    num_samples: np.ndarray  # int64 [R]: samples of the segment at that rate
-    frames: np.ndarray  # int64 [R]: mel frames after resampling to 16 kHz
-    lengths: np.ndarray  # int64 [R]: teacher sequence length
-    prefixes: (
-        np.ndarray
-    )  # int64 [R]: tokens before the transcript (system, user header, instruction)
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    @classmethod
-    def concat(cls, parts: list[Index]) -> Index:
-        """One index over several sources' (each a one-manifest index), in order."""
-        arrays = {
-            f.name: np.concatenate([getattr(p, f.name) for p in parts])
-            for f in dataclasses.fields(cls)
-            if f.name not in ("manifests", "files", "source_ids")
-        }
-        sources = [np.full(len(p), i, np.int64) for i, p in enumerate(parts)]
-        return cls(
-            manifests=tuple(m for p in parts for m in p.manifests),
-            files=tuple(f for p in parts for f in p.files),
-            source_ids=np.concatenate(sources),
-            **arrays,
-        )
-
-
-def build_index(
-    manifest: str, layout: ChatLayout, config: DataConfig
-) -> tuple[Index, list[BadRow]]:
-    """Validate every row without decoding audio; returns the usable rows and the bad ones.
-
-    Checks: JSON and keys, transcript non-empty and within `max_text_tokens`, the whole sequence
-    within the largest token bucket, the file present with a readable header, segment inside the
-    file, length within [min_seconds, max_seconds]. In strict mode raises DataError for the first
-    bad row (by line).
-    """
-    manifest = os.fspath(manifest)
-    if not storage.isfile(manifest):
-        raise FileNotFoundError(f"data manifest not found: {manifest}")
-    base = storage.parent(manifest)
-    source = storage.local_copy(manifest)  # workers re-read single lines: one download, not many
-    rows, offsets, bad = [], [], []
-    for number, offset, text in manifest_lib.iter_lines(source):
-        try:
-            row = manifest_lib.parse_line(text, number, base)
-            manifest_lib.check_text(row, None, None)
-        except ValueError as e:
-            bad.append(BadRow(manifest, number, str(e)))
-            continue
-        rows.append(row)
-        offsets.append(offset)
-
-    num_text, lengths = layout.lengths(
-        [r.text for r in rows], [r.response for r in rows], [r.instruction for r in rows]
-    )
-
-    def check(i: int) -> tuple[audio_lib.AudioInfo | None, str | None]:
-        row = rows[i]
-        try:
-            manifest_lib.check_text(row, int(num_text[i]), config.max_text_tokens)
-            if lengths[i] > config.token_buckets[-1]:
-                raise ValueError(
-                    f"sequence has {lengths[i]} tokens (template, instruction, transcript, "
-                    f"response), more than the largest of data.token_buckets="
-                    f"{config.token_buckets}"
-                )
-            info = audio_lib.probe(row.audio, row.offset, row.duration)
-            if info.num_samples == 0:
-                raise ValueError(f"audio is empty (0 samples): {row.audio}")
-            manifest_lib.check_seconds(
-                info.num_samples_16k / audio_lib.SAMPLE_RATE, config.min_seconds, config.max_seconds
-            )
-        except ValueError as e:
-            return None, str(e)
-        return info, None
-
-    checked = []
-    with ThreadPoolExecutor(config.probe_threads) as pool:
-        for s in range(0, len(rows), 4096):  # bounded: one future per row of a chunk
-            checked += pool.map(check, range(s, min(s + 4096, len(rows))))
-    keep = []
-    for i, (info, reason) in enumerate(checked):
-        if reason is None:
-            keep.append((i, info))
-        else:
-            bad.append(BadRow(manifest, rows[i].line, reason, rows[i].audio))
-    bad.sort(key=lambda b: b.line)
-    if config.strict and bad:
-        raise DataError(str(bad[0]))
-    idx = [i for i, _ in keep]
-    infos = [info for _, info in keep]
-    index = Index(
-        manifests=(manifest,),
-        files=(source,),
-        source_ids=np.zeros(len(idx), np.int64),
-        lines=np.array([rows[i].line for i in idx], np.int64),
-        offsets=np.array([offsets[i] for i in idx], np.int64),
-        sample_rates=np.array([x.sample_rate for x in infos], np.int64),
-        num_samples=np.array([x.num_samples for x in infos], np.int64),
-        frames=np.array([audio_lib.num_frames(x.num_samples_16k) for x in infos], np.int64),
-        lengths=np.asarray(lengths[idx], np.int64),
-        prefixes=np.array(
-            [len(layout.template(rows[i].instruction).prefix) for i in idx], np.int64
-        ),
-    )
-    return index, bad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,7 +282,7 @@ class DataPipeline:
         self.source_names = [s.name for s in sources]
         parts, self.bad_rows = [], []
         for source in sources:
-            index, bad = build_index(source.path, self.layout, config)
+            index, bad = index_manifest(source.path, self.layout, config, write=process_index == 0)
             parts.append(index)
             self.bad_rows += bad
             if process_index == 0:  # all processes find the same; decode failures are per process

@@ -230,6 +230,9 @@ def base_config() -> ml_collections.ConfigDict:
             "n_mels": 0,  # 0: the encoder's num_mel_bins
             "worker_count": 2,
             "worker_buffer_size": 2,
+            # Each manifest's index (lengths in frames and tokens, bad rows) is kept beside it,
+            # MANIFEST.index-KEY.npz, and read by later starts (blspkd_jax.data.index).
+            "cache_index": True,
             "shuffle": True,
             "strict": False,
             "instruction": "",

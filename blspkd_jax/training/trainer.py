@@ -93,6 +93,7 @@ RESUMABLE_KEYS = (
     "distributed.",
     "data.worker_count",
     "data.worker_buffer_size",
+    "data.cache_index",
     "data.eval_manifest",
 )
 
