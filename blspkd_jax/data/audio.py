@@ -155,6 +155,17 @@ def load(
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
+def load_pinned(
+    path: str | os.PathLike, offset: float, duration: float | None, info: AudioInfo
+) -> np.ndarray:
+    """`load`, padded or trimmed to exactly `info.num_samples_16k`: the length the index chose
+    the row's bucket from (the resampler already gives it; pinning it means no decode path can
+    ever overflow the bucket)."""
+    wave = load(path, offset, duration, info)
+    n = info.num_samples_16k
+    return np.pad(wave[:n], (0, max(0, n - len(wave))))
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]

@@ -24,7 +24,7 @@ import numpy as np
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
-from blspkd_jax.data import storage
+from blspkd_jax.data import packed, storage
 from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.manifest import BadRow, DataError
 from blspkd_jax.data.options import DataConfig
@@ -83,13 +83,19 @@ def index_manifest(
     written for the same manifest, tokenizer, layout and limits (`config.cache_index`), else
     built (`build_index`) and, if `write`, saved beside the manifest for the next start. In strict
     mode the first bad row raises DataError either way."""
-    manifest = os.fspath(manifest)
-    if not storage.isfile(manifest):
+    manifest = os.fspath(manifest).rstrip("/")
+    pack = packed.is_packed(manifest)
+    if not pack and not storage.isfile(manifest):
+        if os.path.isdir(manifest):  # a folder: an unfinished pack, or not a pack at all
+            packed.Pack(manifest)
         raise FileNotFoundError(f"data manifest not found: {manifest}")
-    source = storage.local_copy(manifest)  # workers re-read single lines: one download, not many
+    # Workers re-read single lines of a manifest: one download, not many.
+    source = storage.local_copy(packed.Pack(manifest).rows_file if pack else manifest)
     if not config.cache_index:
         return build_index(manifest, layout, config, source=source)
-    path = f"{manifest}.index-{index_key(source, manifest, layout, config)}.npz"
+    key = index_key(source, manifest, layout, config)
+    # A pack's index goes inside it; a manifest's beside it.
+    path = f"{manifest}/index-{key}.npz" if pack else f"{manifest}.index-{key}.npz"
     if storage.isfile(path):
         try:
             index, bad = _read(path, manifest, source)
@@ -175,18 +181,28 @@ def build_index(
     within the largest token bucket, the file present with a readable header, segment inside the
     file, length within [min_seconds, max_seconds]. In strict mode raises DataError for the first
     bad row (by line). `source`: the manifest's local copy, if made already.
+
+    `manifest` may be a packed directory (`data.packed`): its rows.jsonl is read instead, the
+    lengths are the stored ones (no audio header is read), `offsets` are record numbers and
+    `lines` the lines of the manifest it was packed from.
     """
-    manifest = os.fspath(manifest)
-    if not storage.isfile(manifest):
+    manifest = os.fspath(manifest).rstrip("/")
+    pack = packed.Pack(manifest) if packed.is_packed(manifest) else None
+    if pack is None and not storage.isfile(manifest):
         raise FileNotFoundError(f"data manifest not found: {manifest}")
     base = storage.parent(manifest)
-    source = source or storage.local_copy(manifest)
-    rows, offsets, bad = [], [], []
+    source = source or storage.local_copy(manifest if pack is None else pack.rows_file)
+    rows, offsets, stored, bad = [], [], [], []
     for number, offset, text in manifest_lib.iter_lines(source):
         try:
             row = manifest_lib.parse_line(text, number, base)
             manifest_lib.check_text(row, None, None)
-        except ValueError as e:
+            if pack is not None:  # the manifest's line, the record's number, the stored length
+                row = dataclasses.replace(row, line=int(row.fields["line"]))
+                offset = number - 1
+                samples = int(row.fields["num_samples"])
+                stored.append(audio_lib.AudioInfo(audio_lib.SAMPLE_RATE, 1, samples))
+        except (ValueError, KeyError, TypeError) as e:
             bad.append(BadRow(manifest, number, str(e)))
             continue
         rows.append(row)
@@ -206,7 +222,7 @@ def build_index(
                     f"response), more than the largest of data.token_buckets="
                     f"{config.token_buckets}"
                 )
-            info = audio_lib.probe(row.audio, row.offset, row.duration)
+            info = stored[i] if stored else audio_lib.probe(row.audio, row.offset, row.duration)
             if info.num_samples == 0:
                 raise ValueError(f"audio is empty (0 samples): {row.audio}")
             manifest_lib.check_seconds(

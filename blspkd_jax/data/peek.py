@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Iterator
 
+from blspkd_jax.data import packed
 from blspkd_jax.data.manifest import read_manifest
 from blspkd_jax.data.pipeline import DataPipeline
 
@@ -22,8 +23,12 @@ def peek(pipeline: DataPipeline, batches: int) -> Iterator[dict]:
     """The first `batches` batches of `pipeline`, described."""
     ids: dict[tuple[int, int], str] = {}
     for s, path in enumerate(pipeline.index.manifests):
-        rows, _ = read_manifest(path)
-        ids.update({(s, r.line): r.id for r in rows})
+        if packed.is_packed(path):  # rows.jsonl: one line per record, with the manifest's line
+            rows, _ = read_manifest(packed.Pack(path).rows_file)
+            ids.update({(s, int(r.fields["line"])): r.id for r in rows})
+        else:
+            rows, _ = read_manifest(path)
+            ids.update({(s, r.line): r.id for r in rows})
     it = iter(pipeline)
     try:
         for batch in itertools.islice(it, batches):

@@ -1,10 +1,12 @@
 """The grain input pipeline: manifest -> bucketed, padded batches in the docs/method.md §4 layout.
+A source may also be a packed directory (`data.packed`): records in place of audio files.
 
 Startup indexes the manifest (JSON, keys, transcript tokens, audio headers: cheap, no decoding;
 `data.index` keeps it beside the manifest for later starts), so every usable row's bucket is
 known before any audio is read. From that index a pure function of (seed, epoch) plans the epoch
-(`data.plan`, which also draws a mixture's sources by weight): rows are shuffled, grouped by bucket, cut into *global* batches,
-and the batch order shuffled. Batch k is therefore a pure function of k, which gives three things:
+(`data.plan`, which also draws a mixture's sources by weight): rows are shuffled, grouped by
+bucket, cut into *global* batches, and the batch order shuffled. Batch k is therefore a pure
+function of k, which gives three things:
 
 - exact resumption: the iterator's state is just the next batch number;
 - multi-host: every process plans the same global batches (so all agree on each step's bucket,
@@ -34,7 +36,7 @@ import numpy as np
 
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import manifest as manifest_lib
-from blspkd_jax.data import storage
+from blspkd_jax.data import packed, storage
 from blspkd_jax.data.features import log_mel
 from blspkd_jax.data.index import Index, index_manifest
 from blspkd_jax.data.layout import ChatLayout, make_batch
@@ -77,6 +79,10 @@ class LoadBatch(grain.transforms.Map):
         batch_size: int,
     ):
         self.index, self.plan, self.layout = index, plan, layout
+        # Each packed source's reader, by source number (manifests decode audio files instead).
+        self.packs = {
+            s: packed.Pack(path) for s, path in enumerate(index.manifests) if packed.is_packed(path)
+        }
         self.n_mels = config.n_mels
         self.process_index, self.batch_size = process_index, batch_size
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -139,6 +145,8 @@ class LoadBatch(grain.transforms.Map):
         ix = self.index
         s = int(ix.source_ids[r])
         manifest = ix.manifests[s]
+        if s in self.packs:
+            return self._packed_example(self.packs[s], r, skipped)
         row = manifest_lib.parse_line(
             manifest_lib.read_line_at(ix.files[s], int(ix.offsets[r])),
             int(ix.lines[r]),
@@ -146,16 +154,31 @@ class LoadBatch(grain.transforms.Map):
         )
         info = audio_lib.AudioInfo(int(ix.sample_rates[r]), 0, int(ix.num_samples[r]))
         try:
-            wave = audio_lib.load(row.audio, row.offset, row.duration, info)
+            wave = audio_lib.load_pinned(row.audio, row.offset, row.duration, info)
         except audio_lib.AudioError as e:
             skipped.append(BadRow(manifest, row.line, str(e), row.audio).to_json())
             return None
-        # The index chose the bucket from this length; the resampler already pads/trims to it,
-        # and pinning it here means no decode path can ever overflow the bucket.
-        n = info.num_samples_16k
-        wave = np.pad(wave[:n], (0, max(0, n - len(wave))))
         ex = self.layout(row.text, row.response, row.instruction)
         ex["features"] = log_mel(wave, self.n_mels)
+        return ex
+
+    def _packed_example(self, pack: packed.Pack, r: int, skipped: list) -> dict | None:
+        line, record = int(self.index.lines[r]), int(self.index.offsets[r])
+        try:
+            fields, array = pack.read(record)
+            if fields.get("line") != line or fields.get("num_samples") != self.index.num_samples[r]:
+                raise DataError(
+                    f"{pack.path}: corrupt shard (record {record} holds manifest line "
+                    f"{fields.get('line')}, {packed.ROWS} says line {line})"
+                )
+        except DataError as e:  # a damaged shard: each of its rows is skipped, naming it
+            skipped.append(BadRow(pack.path, line, str(e)).to_json())
+            return None
+        ex = self.layout(fields["text"], fields.get("response"), fields.get("instruction"))
+        if pack.store == "features":
+            ex["features"] = np.array(array, np.float32)
+        else:
+            ex["features"] = log_mel(np.asarray(array, np.float32), self.n_mels)
         return ex
 
 
@@ -302,6 +325,15 @@ class DataPipeline:
                     self._skipped_path() or "the pipeline's bad_rows",
                 )
         self.index = parts[0] if len(parts) == 1 else Index.concat(parts)
+        for source in sources:
+            if packed.is_packed(source.path):
+                pack = packed.Pack(source.path)
+                if pack.store == "features" and pack.n_mels != config.n_mels:
+                    raise DataError(
+                        f"{source.path}: packed with {pack.n_mels}-bin log-mel features, but "
+                        f"the encoder reads {config.n_mels} (data.n_mels): pack it again with "
+                        f"--features {config.n_mels}, or with audio"
+                    )
         # No example's transcript starts before this position: the train step may let the
         # student reuse the teacher's keys and values up to here (`StepConfig.shared_prefix`).
         self.shared_prefix = int(self.index.prefixes.min())

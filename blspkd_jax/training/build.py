@@ -15,7 +15,7 @@ import re
 
 import ml_collections
 
-from blspkd_jax.data import storage
+from blspkd_jax.data import packed, storage
 from blspkd_jax.data.pipeline import DataConfig
 from blspkd_jax.data.sources import parse_sources
 from blspkd_jax.models import hf
@@ -245,9 +245,11 @@ def check_config(config: ml_collections.ConfigDict, model_cfg: BLSPKDConfig) -> 
             sources = parse_sources(path, key)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for source in sources:  # a local path or a URL (gs://...)
-            if not storage.isfile(source.path):
-                raise ConfigError(f"{key}: {source.path}: file not found")
+        for source in sources:  # a local path or a URL (gs://...), a manifest or a pack
+            if not storage.isfile(source.path) and not packed.is_packed(source.path):
+                raise ConfigError(
+                    f"{key}: {source.path}: no manifest or finished pack (data.packed) there"
+                )
     tokenizer_path(config)
     for key in ("model.encoder.hf_path", "model.llm.hf_path", "model.llm.tokenizer_path"):
         part, name = key.rsplit(".", 1)
