@@ -288,6 +288,33 @@ def main():
         print(
             f"| worker_count={w} | {startup:.2f} | {1 / per_batch:.1f} | {utts / per_batch:.0f} |"
         )
+    # The same rows packed (python -m blspkd_jax.data.pack): records instead of audio files.
+    from blspkd_jax.data import pack as pack_lib
+
+    print("\n| packed | worker_count | batches/s | utterances/s | vs the manifest |")
+    print("|---|---|---|---|---|")
+    packed_rates = {}
+    for store, n_mels in (("audio", 0), ("features", cfg.n_mels)):
+        out = d / f"packed_{store}"
+        pack_lib.pack(str(manifest), str(out), features=n_mels, progress=False)
+        for w in args.workers:
+            pc = DataConfig(**{**cfg.__dict__, "worker_count": w, "train_manifest": str(out)})
+            _, per_batch, utts, _ = time_pipeline(pc, tok, n_batches)
+            packed_rates[store, w] = 1 / per_batch
+            print(
+                f"| {store} | {w} | {1 / per_batch:.1f} | {utts / per_batch:.0f} | "
+                f"{(1 / per_batch) / rates[w]:.2f}x (goal >= 2x) |"
+            )
+    print(
+        json.dumps(
+            {
+                "manifest_batches_per_s": {w: round(r, 2) for w, r in rates.items()},
+                "packed_batches_per_s": {
+                    f"{k[0]}@{k[1]}": round(r, 2) for k, r in packed_rates.items()
+                },
+            }
+        )
+    )
     if args.no_step:
         return
     try:

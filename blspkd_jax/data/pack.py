@@ -152,6 +152,8 @@ def pack(
         else:
             os.remove(path)
     summary = {"rows": meta["rows"], "shards": len(done), "skipped": len(skipped)}
+    if not progress:
+        return summary
     print(
         f"{out}: {meta['rows']} rows in {len(done)} shards ({meta['store']}); "
         f"{len(skipped)} skipped"

@@ -1,9 +1,12 @@
-"""Turn LibriSpeech, Common Voice and GigaSpeech folders (their published layouts) into our JSON
-Lines manifest (docs/method.md §6), with a progress bar and a summary of hours and skipped files.
+"""Turn LibriSpeech, Common Voice and GigaSpeech folders (their published layouts), and local
+Hugging Face audio datasets, into our JSON Lines manifest (docs/method.md §6) or a pack, with a
+progress bar and a summary of hours and skipped files.
 
     python -m blspkd_jax.data.prepare librispeech LibriSpeech --out ls.jsonl --split train-clean-100
     python -m blspkd_jax.data.prepare commonvoice cv-corpus-17.0/en --out cv.jsonl --split train
     python -m blspkd_jax.data.prepare gigaspeech GigaSpeech --out gs.jsonl --split XS
+    python -m blspkd_jax.data.prepare hf-audio librispeech_asr/clean --out ls.jsonl --split train \
+        --text-column text [--pack ls_packed]
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import argparse
 import collections
 import csv
 import dataclasses
+import glob
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import soundfile as sf
@@ -357,19 +361,170 @@ def gigaspeech(
     return report
 
 
+# --- Hugging Face datasets (local: save_to_disk folders, Parquet files) ---------------------------
+#
+# `hf-audio SRC` reads what the Hub serves or `datasets` writes, with pyarrow (no `datasets`):
+# a folder written by `Dataset.save_to_disk` (state.json beside `data-*.arrow`) or by
+# `DatasetDict.save_to_disk` (dataset_dict.json, one such folder per split: `--split`); or Parquet
+# files, one or a folder of them as the Hub lays them out (`data/train-00000-of-00004.parquet`;
+# `--split train` keeps that split's). The audio column is `datasets.Audio`'s storage, a struct of
+# `bytes` and `path`: the bytes become files under the manifest's folder's `audio/` (in the format
+# they encode: WAV, FLAC, MP3, OGG), or the path is used when there are no bytes and it exists.
+
+
+# Leading bytes -> the file extension libsndfile recognises the format by.
+MAGIC = ((b"RIFF", ".wav"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"ID3", ".mp3"))
+
+
+def _extension(data: bytes, path: str | None) -> str:
+    for magic, ext in MAGIC:
+        if data.startswith(magic):
+            return ext
+    if data[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):  # an MPEG frame header
+        return ".mp3"
+    return os.path.splitext(path or "")[1].lower() or ".bin"
+
+
+def _tables(src: str, split: str | None) -> tuple[list[str], str]:
+    """(the files to read, "arrow" or "parquet")."""
+    p = Path(src)
+    if p.is_file() and p.suffix == ".parquet":
+        return [str(p)], "parquet"
+    if not p.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder or .parquet file")
+    if (p / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one folder per split
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise ValueError(f"{src}: --split must be one of {splits} (got {split!r})")
+        p = p / split
+    if (p / "state.json").is_file():  # Dataset.save_to_disk
+        state = json.loads((p / "state.json").read_text())
+        files = [str(p / f["filename"]) for f in state.get("_data_files", [])]
+        if not files:
+            raise ValueError(f"{p / 'state.json'}: lists no data files")
+        return files, "arrow"
+    files = sorted(glob.glob(str(p / "**" / "*.parquet"), recursive=True))
+    if split:
+        files = [f for f in files if os.path.basename(f).startswith(f"{split}-")]
+    if not files:
+        raise FileNotFoundError(
+            f"{src}: no state.json (save_to_disk) and no "
+            + (f"{split}-*.parquet" if split else "*.parquet")
+            + " files"
+        )
+    return files, "parquet"
+
+
+def _batches(files: list[str], kind: str, columns: list[str]) -> Iterator:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        if kind == "parquet":
+            pf = pq.ParquetFile(f)
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{f}: no column {missing[0]!r} (has {pf.schema_arrow.names})")
+            yield from pf.iter_batches(batch_size=256, columns=columns)
+            continue
+        with pa.memory_map(f) as source:
+            try:  # save_to_disk writes the Arrow stream format
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+            names = reader.schema.names
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise ValueError(f"{f}: no column {missing[0]!r} (has {names})")
+            if isinstance(reader, pa.ipc.RecordBatchFileReader):
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                batches = iter(reader)
+            for b in batches:
+                yield b.select(columns)
+
+
+def hf_audio(
+    src: str,
+    out: str,
+    *,
+    text_column: str = "text",
+    audio_column: str = "audio",
+    response_column: str | None = None,
+    id_column: str | None = None,
+    split: str | None = None,
+    case: str = "keep",
+    relative: bool = True,
+):
+    """Write the manifest `out` (and the audio files under its folder's `audio/`); returns the
+    `prepare.Report`."""
+    files, kind = _tables(src, split)
+    columns = [audio_column, text_column, *(c for c in (response_column, id_column) if c)]
+    out_path = Path(out)
+    audio_dir = out_path.parent / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(str(out))
+    rows = []
+    bar = tqdm(desc=f"hf-audio {os.path.basename(src.rstrip('/'))}", unit="row")
+    n = 0
+    for batch in _batches(files, kind, columns):
+        for rec in batch.to_pylist():
+            bar.update(1)
+            n += 1
+            text = rec.get(text_column)
+            if not isinstance(text, str) or not text.strip():
+                report.skipped["no text"] += 1
+                continue
+            audio = rec.get(audio_column)
+            if isinstance(audio, dict):
+                data, given = audio.get("bytes"), audio.get("path")
+            else:  # a plain column of paths or bytes
+                data, given = (audio, None) if isinstance(audio, bytes) else (None, audio)
+            row_id = str(rec[id_column]) if id_column else f"{split or 'row'}-{n - 1:08d}"
+            if data:
+                name = f"{n - 1:08d}{_extension(data, given)}"
+                target = audio_dir / name
+                if not target.exists() or target.stat().st_size != len(data):
+                    tmp = target.with_name(name + ".part")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, target)
+            elif given and os.path.isfile(given):
+                target = Path(given)
+            else:
+                report.skipped["no audio bytes, and its path is not a file here"] += 1
+                continue
+            seconds = _duration(target)
+            if seconds is None:
+                report.unknown_duration += 1
+            else:
+                report.seconds += seconds
+            row = {"id": row_id, "audio": _audio_ref(target, out_path, relative)}
+            row["text"] = normalize_case(text.strip(), case)
+            if response_column and isinstance(rec.get(response_column), str):
+                row["response"] = rec[response_column]
+            rows.append(row)
+    bar.close()
+    _write_manifest(out_path, rows)
+    report.rows = len(rows)
+    return report
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m blspkd_jax.data.prepare",
-        description="Write a JSON Lines manifest for LibriSpeech, Common Voice or GigaSpeech.",
+        description="Write a JSON Lines manifest for LibriSpeech, Common Voice, GigaSpeech or a "
+        "local Hugging Face audio dataset.",
     )
     sub = parser.add_subparsers(dest="corpus", required=True)
     specs = {
         "librispeech": "subset folders, comma-separated (default: all under SRC)",
         "commonvoice": "TSV to read: train, dev, test, validated, ... (default: train)",
         "gigaspeech": f"subset: one of {' '.join(GIGASPEECH_SUBSETS)} (default: XS)",
+        "hf-audio": "split of a DatasetDict folder, or prefix of the Parquet files to read",
     }
     for name, split_help in specs.items():
         p = sub.add_parser(name, help=f"prepare a {name} folder")
@@ -384,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--case", choices=CASES, default="keep", help="transcript case")
         if name == "commonvoice":
             p.add_argument("--lang", default=None, help="language folder when SRC holds several")
+        if name == "hf-audio":
+            p.add_argument("--text-column", default="text", help="the transcript's column")
+            p.add_argument("--audio-column", default="audio", help="the datasets.Audio column")
+            p.add_argument("--response-column", default=None, help="a column for 'response'")
+            p.add_argument("--id-column", default=None, help="a column for 'id'")
+            p.add_argument("--pack", default=None, metavar="DIR", help="then pack it into DIR")
+            p.add_argument("--examples-per-shard", type=int, default=1000, help="with --pack")
+            p.add_argument("--features", type=int, default=0, metavar="N_MELS", help="with --pack")
     args = parser.parse_args(argv)
     common = dict(relative=args.relative, case=args.case)
     try:
@@ -394,8 +557,19 @@ def main(argv: list[str] | None = None) -> int:
             report = commonvoice(
                 args.src, args.out, split=args.split or "train", lang=args.lang, **common
             )
-        else:
+        elif args.corpus == "gigaspeech":
             report = gigaspeech(args.src, args.out, subset=args.split or "XS", **common)
+        else:
+            report = hf_audio(
+                args.src,
+                args.out,
+                text_column=args.text_column,
+                audio_column=args.audio_column,
+                response_column=args.response_column,
+                id_column=args.id_column,
+                split=args.split,
+                **common,
+            )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -403,6 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     if report.rows == 0:
         print(f"error: {args.out}: no usable rows", file=sys.stderr)
         return 1
+    if getattr(args, "pack", None):
+        from blspkd_jax.data.pack import pack
+
+        pack(
+            args.out,
+            args.pack,
+            examples_per_shard=args.examples_per_shard,
+            features=args.features,
+        )
     return 0
 
 
