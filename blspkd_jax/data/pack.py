@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from blspkd_jax.data import audio as audio_lib
 from blspkd_jax.data import packed, storage
 from blspkd_jax.data.features import log_mel
-from blspkd_jax.data.manifest import BadRow, Row, read_manifest, write_jsonl
+from blspkd_jax.data.manifest import BadRow, DataError, Row, read_manifest, write_jsonl
 
 DONE = ".rows.json"  # beside each finished shard until packed.json exists: its rows and skips
 
@@ -163,8 +163,6 @@ def pack(
 
 
 def main(argv=None) -> int:
-    from blspkd_jax import cli
-
     ap = argparse.ArgumentParser(prog="python -m blspkd_jax.data.pack", description=__doc__)
     ap.add_argument("manifest", help="the JSON Lines manifest to pack (local or gs://)")
     ap.add_argument("out", help="the packed directory to write (local or gs://)")
@@ -178,8 +176,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--workers", type=int, default=8, help="decoding threads")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-
-    def body() -> int:
+    try:
         pack(
             args.manifest,
             args.out,
@@ -187,9 +184,13 @@ def main(argv=None) -> int:
             features=args.features,
             workers=args.workers,
         )
-        return 0
-
-    return cli.run(body, interrupted="interrupted: rerun the same command to resume")
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished shards are kept)")
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
