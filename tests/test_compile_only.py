@@ -247,6 +247,7 @@ def test_paper_configs_are_planned_from_presets_without_their_directories(spec, 
     trained = {str(x.dtype) for x in jax.tree.leaves(step.state.trainable)}
     assert (frozen, trained) == ({"bfloat16"}, {"float32"})
     assert step.batch["features"].shape == (config.batch_size, enc.num_mel_bins, 3000)
+    assert step.batch["features"].dtype == enc.dtype  # as the trainer sends them
 
 
 RUNTIME_FIELDS = (

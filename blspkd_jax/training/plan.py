@@ -313,6 +313,9 @@ def prepare(config: ml_collections.ConfigDict, topo: Topology) -> Step:
     state, state_shardings = abstract_state(cfg, model, mesh, step_cfg, tx)
     frames, tokens = max(data_cfg.frame_buckets), max(data_cfg.token_buckets)
     batch = example_batch(model_cfg, cfg.batch_size, frames, tokens)
+    # The trainer sends features in the encoder's compute dtype (objective.cast_features).
+    features = batch["features"]
+    batch["features"] = jax.ShapeDtypeStruct(features.shape, jnp.dtype(model_cfg.encoder.dtype))
     return Step(cfg, model, mesh, step_cfg, tx, state, state_shardings, batch)
 
 
