@@ -347,6 +347,7 @@ class DataPipeline:
             shuffle=train and config.shuffle,
             sources=self.index.source_ids,
             weights=[s.weight for s in sources],
+            mix=train,
         )
         self.num_batches = sys.maxsize if train else self.plan.batches_per_epoch
         self._planner = self._load_batch()  # this process's copy, for the iterator's counts

@@ -36,6 +36,7 @@ class Plan:
     shuffle: bool
     sources: np.ndarray | None = None  # int64 [R]; None: one source
     weights: tuple[float, ...] = (1.0,)
+    mix: bool = False  # draw the sources by weight (training); else every row once per epoch
 
     @property
     def num_buckets(self) -> int:
@@ -44,7 +45,7 @@ class Plan:
     @property
     def mixed(self) -> bool:
         """Rows drawn by weight (a training mixture), not each row once per epoch."""
-        return self.shuffle and len(self.weights) > 1
+        return self.mix and len(self.weights) > 1
 
     def shape(self, bucket: int) -> tuple[int, int]:
         """(F, L) of a bucket."""
@@ -75,7 +76,7 @@ class Plan:
             passes = []
             for p in range(a // size, (b - 1) // size + 1):  # the passes over source i it spans
                 rng = np.random.default_rng([self.seed, _PASS_TAG, i, p])
-                passes.append(rows[rng.permutation(size)])
+                passes.append(rows[rng.permutation(size)] if self.shuffle else rows)
             stream = np.concatenate(passes)
             start = a - (a // size) * size
             out.append(stream[start : start + (b - a)])
@@ -136,9 +137,10 @@ def make_plan(
     shuffle: bool,
     sources: np.ndarray | None = None,
     weights: Sequence[float] = (1.0,),
+    mix: bool = False,
 ) -> Plan:
     """Each row (`frames` [R] feature frames, `lengths` [R] text tokens) in the smallest bucket
-    that holds it; `sources` [R] and `weights` for a mixture."""
+    that holds it; `sources` [R] and `weights` for a mixture, drawn by weight if `mix`."""
     f = np.searchsorted(np.asarray(frame_buckets), frames, side="left")
     t = np.searchsorted(np.asarray(token_buckets), lengths, side="left")
     return Plan(
@@ -150,4 +152,5 @@ def make_plan(
         shuffle=shuffle,
         sources=None if sources is None else np.asarray(sources, np.int64),
         weights=tuple(float(w) for w in weights),
+        mix=mix,
     )
