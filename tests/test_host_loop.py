@@ -175,7 +175,7 @@ def run(assets, tmp_path_factory):
             logger.removeHandler(handler)
             logger.setLevel(level)
         out["reads"] = reads.reads
-    out["trainer"], out["workdir"] = trainer, workdir
+    out["trainer"], out["workdir"], out["config"] = trainer, workdir, config
     return out
 
 
@@ -231,6 +231,15 @@ def test_metrics_count_the_examples_drawn_from_each_source(run):
         seen = np.concatenate([b["source"][b["example_mask"]] for b in batches[: r["step"]]])
         assert (r["examples/first"], r["examples/last"]) == (np.sum(seen == 0), np.sum(seen == 1))
     assert rows[-1]["examples/last"] > rows[-1]["examples/first"] > 0
+
+
+def test_a_finished_run_compiles_no_train_step(run, monkeypatch):
+    events = []
+    _record_compiles(monkeypatch, events)
+    config = run["config"].copy_and_resolve_references()
+    config.data.eval_manifest = ""  # resumable: no final evaluation to wait for
+    Trainer(config, run["workdir"]).run()
+    assert events == []
 
 
 def test_evaluation_compiles_once_per_shape(run):

@@ -463,7 +463,8 @@ class Trainer:
         window_first, window_tokens, window_flops = self.step, 0, 0.0
         window_start = time.perf_counter()
         try:
-            self.compile_steps()
+            if self.step < config.total_steps:  # a finished run (or total_steps=0) compiles none
+                self.compile_steps()
             pending = self._next_batch() if self.step < config.total_steps else None
             while self.step < config.total_steps:
                 gbatch, shape = pending
