@@ -79,7 +79,12 @@ def test_config_mistakes_are_named_by_key(tmp_path):
     cases = {
         "batch_size": ("batch_size=-4", f"data.train_manifest={manifest}"),
         "data.train_manifest is empty": (),
-        "data.train_manifest=": ("data.train_manifest=nowhere.jsonl",),
+        "data.train_manifest: nowhere.jsonl: no manifest or finished pack": (
+            "data.train_manifest=nowhere.jsonl",
+        ),
+        "data.train_manifest: .*m.jsonl:0': the weight must be a positive number": (
+            f"data.train_manifest={manifest}:0",
+        ),
         "grad_accum_steps=3": ("grad_accum_steps=3", f"data.train_manifest={manifest}"),
         "nowhere/config.json: not found": (
             "model.llm.hf_path=nowhere",
