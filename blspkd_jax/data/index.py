@@ -43,7 +43,7 @@ class Index:
     files: tuple[str, ...]  # per source, the file workers re-read lines from (a URL's local copy)
     source_ids: np.ndarray  # int64 [R]: the row's source
     lines: np.ndarray  # int64 [R]: 1-based manifest line
-    offsets: np.ndarray  # int64 [R]: byte offset of the line, for workers to re-read it
+    offsets: np.ndarray  # int64 [R]: byte offset of the line to re-read (a pack's: record number)
     sample_rates: np.ndarray  # int64 [R]: the file's rate
     num_samples: np.ndarray  # int64 [R]: samples of the segment at that rate
     frames: np.ndarray  # int64 [R]: mel frames after resampling to 16 kHz
@@ -129,7 +129,7 @@ def index_key(source: str, manifest: str, layout: ChatLayout, config: DataConfig
     h.update(hashlib.sha256(vocab.encode()).digest())
     settings = [
         VERSION,
-        manifest,
+        manifest if storage.is_url(manifest) else os.path.abspath(manifest),
         layout.system,
         layout.chat_template or getattr(tok, "chat_template", None),
         layout.default_instruction,
