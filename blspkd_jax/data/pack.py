@@ -85,6 +85,8 @@ def _write_shard(
     with open(local, "w", encoding="utf-8") as f:
         json.dump(done, f, ensure_ascii=False)
     _put(local, storage.join(out, name + DONE))
+    if scratch != out:
+        os.rmdir(scratch)  # emptied by the uploads
     return done
 
 
