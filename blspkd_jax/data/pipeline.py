@@ -188,9 +188,10 @@ class LoadBatch(grain.transforms.Map):
 
 class BatchIterator(grain.DatasetIterator):
     """Yields batches (dicts of numpy arrays, docs/method.md §4 layout plus `line`, the 1-based
-    manifest line of each row, -1 for padding). `get_state()`/`set_state()` round-trip through
-    JSON (orbax's grain checkpoint handler saves it) and restore exactly: the state is the next
-    batch number, independent of the worker count."""
+    manifest line of each row, and `source`, its source's number; -1 for padding).
+    `get_state()`/`set_state()` round-trip through JSON (orbax's grain checkpoint handler saves
+    it) and restore exactly: the state is the next batch number, independent of the worker count
+    (with the counts so far: rows that failed to decode, examples drawn per source)."""
 
     def __init__(self, pipeline: DataPipeline):
         super().__init__()
