@@ -140,13 +140,7 @@ def pack(
         "rows": sum(len(d["rows"]) for d in done),
         "shards": [{"name": d["name"], "records": len(d["rows"])} for d in done],
     }
-    text = json.dumps(meta, indent=1)
-    if storage.is_url(out):
-        storage.as_path(storage.join(out, packed.META)).write_text(text)
-    else:
-        with open(storage.join(out, packed.META) + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(storage.join(out, packed.META) + ".tmp", storage.join(out, packed.META))
+    storage.write_atomic(storage.join(out, packed.META), json.dumps(meta, indent=1).encode())
     for d in done:  # the pack is whole now: the per-shard records of progress go
         path = storage.join(out, d["name"] + DONE)
         if storage.is_url(path):

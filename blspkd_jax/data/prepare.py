@@ -26,6 +26,8 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from blspkd_jax.data import storage
+
 CASES = ("keep", "lower", "sentence")
 GIGASPEECH_SUBSETS = ("XS", "S", "M", "L", "XL", "DEV", "TEST")
 # GigaSpeech's text_tn spells punctuation as tags; its garbage tags mark segments with no speech
@@ -486,9 +488,7 @@ def hf_audio(
                 name = f"{n - 1:08d}{_extension(data, given)}"
                 target = audio_dir / name
                 if not target.exists() or target.stat().st_size != len(data):
-                    tmp = target.with_name(name + ".part")
-                    tmp.write_bytes(data)
-                    os.replace(tmp, target)
+                    storage.write_atomic(target, data)
             elif given and os.path.isfile(given):
                 target = Path(given)
             else:

@@ -94,6 +94,19 @@ def makedirs(path: str | os.PathLike) -> None:
         os.makedirs(text, exist_ok=True)
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all, for readers in other processes: a local file
+    is written beside and renamed into place; an object store's upload is whole by itself."""
+    text = os.fspath(path)
+    if is_url(text):
+        as_path(text).write_bytes(data)
+        return
+    tmp = f"{text}.tmp-{os.getpid()}"
+    with builtins.open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, text)
+
+
 def local_copy(path: str | os.PathLike) -> str:
     """A local file with the contents of `path`: `path` itself when local, else a download to a
     temporary file removed when the process exits (for files read line by line many times, such

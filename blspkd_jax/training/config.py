@@ -11,7 +11,6 @@ import ast
 import difflib
 import importlib.util
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -151,13 +150,7 @@ def save_config(config: ml_collections.ConfigDict, path: str | Path) -> None:
     URL (`gs://...`). Atomic: other processes of a resumed run read it while process 0 writes it,
     so a local file is written beside and renamed into place (an object store's write is whole)."""
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-    if storage.is_url(path):
-        storage.as_path(path).write_text(text)
-        return
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    storage.write_atomic(path, text.encode())
 
 
 def _tuples(x):
