@@ -84,18 +84,18 @@ def index_manifest(
     built (`build_index`) and, if `write`, saved beside the manifest for the next start. In strict
     mode the first bad row raises DataError either way."""
     manifest = os.fspath(manifest).rstrip("/")
-    pack = packed.is_packed(manifest)
-    if not pack and not storage.isfile(manifest):
+    pack = packed.Pack(manifest) if packed.is_packed(manifest) else None
+    if pack is None and not storage.isfile(manifest):
         if os.path.isdir(manifest):  # a folder: an unfinished pack, or not a pack at all
             packed.Pack(manifest)
         raise FileNotFoundError(f"data manifest not found: {manifest}")
     # Workers re-read single lines of a manifest: one download, not many.
-    source = storage.local_copy(packed.Pack(manifest).rows_file if pack else manifest)
+    source = storage.local_copy(manifest if pack is None else pack.rows_file)
     if not config.cache_index:
-        return build_index(manifest, layout, config, source=source)
+        return build_index(manifest, layout, config, source=source, pack=pack)
     key = index_key(source, manifest, layout, config)
     # A pack's index goes inside it; a manifest's beside it.
-    path = f"{manifest}/index-{key}.npz" if pack else f"{manifest}.index-{key}.npz"
+    path = f"{manifest}.index-{key}.npz" if pack is None else f"{manifest}/index-{key}.npz"
     if storage.isfile(path):
         try:
             index, bad = _read(path, manifest, source)
@@ -106,7 +106,7 @@ def index_manifest(
             if config.strict and bad:
                 raise DataError(str(bad[0]))
             return index, bad
-    index, bad = build_index(manifest, layout, config, source=source)
+    index, bad = build_index(manifest, layout, config, source=source, pack=pack)
     if write:
         try:
             _write(path, index, bad)
@@ -143,19 +143,11 @@ def index_key(source: str, manifest: str, layout: ChatLayout, config: DataConfig
 
 
 def _write(path: str, index: Index, bad: list[BadRow]) -> None:
-    """The index file, whole or absent: a local file is renamed into place, an object store's
-    upload is atomic by itself."""
+    """The index file, whole or absent (`storage.write_atomic`)."""
     buf = io.BytesIO()
     arrays = {k: getattr(index, k) for k in _SAVED}
     np.savez(buf, **arrays, bad=np.array(json.dumps([b.to_json() for b in bad])))
-    data = buf.getvalue()
-    if storage.is_url(path):
-        storage.as_path(path).write_bytes(data)
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    storage.write_atomic(path, buf.getvalue())
 
 
 def _read(path: str, manifest: str, source: str) -> tuple[Index, list[BadRow]]:
@@ -173,21 +165,27 @@ def _read(path: str, manifest: str, source: str) -> tuple[Index, list[BadRow]]:
 
 
 def build_index(
-    manifest: str, layout: ChatLayout, config: DataConfig, *, source: str | None = None
+    manifest: str,
+    layout: ChatLayout,
+    config: DataConfig,
+    *,
+    source: str | None = None,
+    pack: packed.Pack | None = None,
 ) -> tuple[Index, list[BadRow]]:
     """Validate every row without decoding audio; returns the usable rows and the bad ones.
 
     Checks: JSON and keys, transcript non-empty and within `max_text_tokens`, the whole sequence
     within the largest token bucket, the file present with a readable header, segment inside the
     file, length within [min_seconds, max_seconds]. In strict mode raises DataError for the first
-    bad row (by line). `source`: the manifest's local copy, if made already.
+    bad row (by line). `source`, `pack`: the manifest's local copy and its pack, if opened already.
 
     `manifest` may be a packed directory (`data.packed`): its rows.jsonl is read instead, the
     lengths are the stored ones (no audio header is read), `offsets` are record numbers and
     `lines` the lines of the manifest it was packed from.
     """
     manifest = os.fspath(manifest).rstrip("/")
-    pack = packed.Pack(manifest) if packed.is_packed(manifest) else None
+    if pack is None and packed.is_packed(manifest):
+        pack = packed.Pack(manifest)
     if pack is None and not storage.isfile(manifest):
         raise FileNotFoundError(f"data manifest not found: {manifest}")
     base = storage.parent(manifest)

@@ -77,12 +77,10 @@ class LoadBatch(grain.transforms.Map):
         config: DataConfig,
         process_index: int,
         batch_size: int,
+        packs: dict[int, packed.Pack],
     ):
         self.index, self.plan, self.layout = index, plan, layout
-        # Each packed source's reader, by source number (manifests decode audio files instead).
-        self.packs = {
-            s: packed.Pack(path) for s, path in enumerate(index.manifests) if packed.is_packed(path)
-        }
+        self.packs = packs  # each packed source's reader, by source number
         self.n_mels = config.n_mels
         self.process_index, self.batch_size = process_index, batch_size
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -210,7 +208,7 @@ class BatchIterator(grain.DatasetIterator):
         if self._next >= self._pipeline.num_batches:
             raise StopIteration
         batch = next(self._open())
-        rows, _ = self._pipeline._planner.global_rows(self._next)
+        rows, _ = self._pipeline._loader.global_rows(self._next)
         sources = self._pipeline.index.source_ids[rows[rows >= 0]]
         self._drawn += np.bincount(sources, minlength=len(self._drawn))
         self._next += 1
@@ -326,15 +324,15 @@ class DataPipeline:
                     self._skipped_path() or "the pipeline's bad_rows",
                 )
         self.index = parts[0] if len(parts) == 1 else Index.concat(parts)
-        for source in sources:
-            if packed.is_packed(source.path):
-                pack = packed.Pack(source.path)
-                if pack.store == "features" and pack.n_mels != config.n_mels:
-                    raise DataError(
-                        f"{source.path}: packed with {pack.n_mels}-bin log-mel features, but "
-                        f"the encoder reads {config.n_mels} (data.n_mels): pack it again with "
-                        f"--features {config.n_mels}, or with audio"
-                    )
+        # Packed sources, opened once (manifests decode audio files instead).
+        packs = {i: packed.Pack(s.path) for i, s in enumerate(sources) if packed.is_packed(s.path)}
+        for pack in packs.values():
+            if pack.store == "features" and pack.n_mels != config.n_mels:
+                raise DataError(
+                    f"{pack.path}: packed with {pack.n_mels}-bin log-mel features, but "
+                    f"the encoder reads {config.n_mels} (data.n_mels): pack it again with "
+                    f"--features {config.n_mels}, or with audio"
+                )
         # No example's transcript starts before this position: the train step may let the
         # student reuse the teacher's keys and values up to here (`StepConfig.shared_prefix`).
         self.shared_prefix = int(self.index.prefixes.min())
@@ -351,7 +349,17 @@ class DataPipeline:
             mix=train,
         )
         self.num_batches = sys.maxsize if train else self.plan.batches_per_epoch
-        self._planner = self._load_batch()  # this process's copy, for the iterator's counts
+        # One loader: grain maps batch numbers through it (a copy in each worker process) and the
+        # iterator reads each batch's global rows from it for the per-source counts.
+        self._loader = LoadBatch(
+            self.index,
+            self.plan,
+            self.layout,
+            config,
+            process_index,
+            config.batch_size_per_process,
+            packs,
+        )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -365,18 +373,8 @@ class DataPipeline:
     def __iter__(self) -> BatchIterator:
         return BatchIterator(self)
 
-    def _load_batch(self) -> LoadBatch:
-        return LoadBatch(
-            self.index,
-            self.plan,
-            self.layout,
-            self.config,
-            self.process_index,
-            self.config.batch_size_per_process,
-        )
-
     def _grain_iterator(self, start: int) -> grain.DatasetIterator:
-        ds = grain.MapDataset.range(start, self.num_batches).map(self._load_batch())
+        ds = grain.MapDataset.range(start, self.num_batches).map(self._loader)
         # Each element is a whole batch: no reader threads, a small buffer.
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.config.worker_count > 0:
