@@ -246,7 +246,11 @@ def check_config(config: ml_collections.ConfigDict, model_cfg: BLSPKDConfig) -> 
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for source in sources:  # a local path or a URL (gs://...), a manifest or a pack
-            if not storage.isfile(source.path) and not packed.is_packed(source.path):
+            try:
+                found = storage.isfile(source.path) or packed.is_packed(source.path)
+            except ValueError as e:  # a scheme epath cannot open
+                raise ConfigError(f"{key}: {e}") from None
+            if not found:
                 raise ConfigError(
                     f"{key}: {source.path}: no manifest or finished pack (data.packed) there"
                 )

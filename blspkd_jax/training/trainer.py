@@ -35,7 +35,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from blspkd_jax.data import storage
 from blspkd_jax.data.layout import HOST_KEYS
 from blspkd_jax.data.pipeline import eval_pipeline, train_pipeline
-from blspkd_jax.data.sources import parse_sources
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, example_batch
 from blspkd_jax.models.llm import is_lora_path
@@ -227,20 +226,11 @@ class Trainer:
         self.config = config
         # A string (a local path as given, or a URL): pathlib would turn gs://b/r into ./gs:/b/r.
         self.workdir = os.fspath(workdir).rstrip("/") or "/"
-        d = config.data
-        paths = [("--workdir", self.workdir)]
-        for key in ("data.train_manifest", "data.eval_manifest"):
-            spec = d[key.split(".")[1]]
+        if storage.is_url(self.workdir):  # (the manifests' schemes: build.check_config)
             try:
-                paths += [(key, s.path) for s in parse_sources(spec, key)] if spec else []
-            except ValueError as e:
-                raise config_lib.ConfigError(str(e)) from None
-        for key, path in paths:
-            if storage.is_url(path):
-                try:
-                    storage.as_path(path)
-                except ValueError as e:  # a scheme epath cannot open
-                    raise config_lib.ConfigError(f"{key}: {e}") from None
+                storage.as_path(self.workdir)
+            except ValueError as e:  # a scheme epath cannot open
+                raise config_lib.ConfigError(f"--workdir: {e}") from None
         storage.makedirs(self.workdir)
         self.is_main = jax.process_index() == 0
         # Everything the config decides is checked here, before any weight is read or any
