@@ -22,10 +22,12 @@ $(STAMP): requirements.txt requirements-test.txt requirements-weights.txt requir
 venv: $(STAMP)
 
 # espeak-ng speaks the embedded corpus, wordnet-base holds its sentences, alsa-utils ships nine
-# recordings of a human voice; installed with apt-get when we are root.
-DEBS := espeak-ng wordnet-base alsa-utils
+# recordings of a human voice, chromium and its driver run the web demo's browser test; installed
+# with apt-get when we are root.
+DEBS := espeak-ng wordnet-base alsa-utils chromium chromium-driver
 system-deps:
-	@{ command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/wordnet ] && [ -d /usr/share/sounds/alsa ]; } || { \
+	@{ command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/wordnet ] && [ -d /usr/share/sounds/alsa ] && \
+	   command -v chromedriver >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $(DEBS); \
 	  else echo "missing system packages: run 'sudo apt-get install $(DEBS)'" >&2; exit 1; fi; }
 

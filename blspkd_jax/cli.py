@@ -12,6 +12,7 @@ from collections.abc import Callable
 from blspkd_jax.data.audio import AudioError
 from blspkd_jax.data.layout import LayoutError
 from blspkd_jax.data.manifest import DataError
+from blspkd_jax.inference.stream import StreamError
 from blspkd_jax.inference.workdir import RunError
 from blspkd_jax.models.blspkd_hf import ExportError
 from blspkd_jax.models.hf import CheckpointError
@@ -27,6 +28,7 @@ USER_ERRORS = (
     CheckpointError,
     ExportError,
     RunError,
+    StreamError,
     WeightsError,
     FileNotFoundError,
 )

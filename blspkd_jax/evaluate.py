@@ -1,5 +1,6 @@
 """Evaluate a trained run: `python -m blspkd_jax.evaluate --workdir DIR --manifest EVAL.jsonl
-[--step N] [--instruction TEXT] [--task asr|translation|continuation] [--out DIR/eval]`.
+[--step N] [--instruction TEXT] [--task asr|translation|continuation] [--out DIR/eval]
+[--rule offline|stream]`.
 
 Reports teacher/student consistency (input_kl, response_kl, top-1 agreement, CIF length error),
 exact match of the greedy responses from speech and from the transcript, WER (`--task asr`) and
@@ -20,6 +21,7 @@ from blspkd_jax.inference.evaluate import (
     evaluate_run,
     metrics_markdown,
 )
+from blspkd_jax.inference.respond import RULES
 
 __all__ = ["evaluate_run", "main"]
 
@@ -41,6 +43,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-rows", type=int, default=0, help="evaluate the first N rows (0: all)")
+    ap.add_argument(
+        "--rule",
+        choices=RULES,
+        default="offline",
+        help="how speech becomes vectors: offline (the paper's: whole-utterance log-mel, CIF "
+        "rescaled to round(sum(alpha)) tokens) or stream (causal log-mel, CIF fires by threshold: "
+        "what a stream computes)",
+    )
     cli.add_verbose_flag(ap)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging(args.verbose)
@@ -57,6 +67,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             max_rows=args.max_rows,
+            rule=args.rule,
         )
         if multihost.is_writer():
             print(metrics_markdown(metrics))

@@ -189,10 +189,10 @@ def _write_audio(path, seconds, rate, rs):
     sf.write(path, np.stack([x, -x], 1) if rate != 16000 else x, rate)
 
 
-def build_tiny_run(root: Path):
+def build_tiny_run(root: Path, overrides: tuple[str, ...] = ()):
     """(workdir, assets dir, the trainer's final params): a 2-step run with PLoRA in `root`, a
     random tiny LLM saved as an HF directory with a ChatML tokenizer, and noise audio with real
-    transcripts."""
+    transcripts; `overrides` (`--config.KEY=VALUE`) come last."""
     from blspkd_jax.training.trainer import Trainer
 
     tok = tiny_chat_tokenizer(root / "llm")
@@ -232,6 +232,7 @@ def build_tiny_run(root: Path):
             *OVERRIDES,
             f"--config.data.train_manifest={root / 'train.jsonl'}",
             f"--config.model.llm.hf_path={root / 'llm'}",
+            *overrides,
         ],
     )
     trainer = Trainer(config, root / "workdir")

@@ -48,7 +48,9 @@ def num_frames(num_samples: int) -> int:
     return num_samples // HOP
 
 
-def log_mel(audio, n_mels: int = 80, *, pad_to_samples: int | None = None) -> np.ndarray:
+def log_mel(
+    audio, n_mels: int = 80, *, pad_to_samples: int | None = None, causal: bool = False
+) -> np.ndarray:
     """Whisper log-mel spectrogram `[n_mels, num_samples // 160]` of 16 kHz mono float audio.
 
     Equal to transformers' `WhisperFeatureExtractor(feature_size=n_mels)` on the same samples
@@ -56,6 +58,9 @@ def log_mel(audio, n_mels: int = 80, *, pad_to_samples: int | None = None) -> np
     samples, which reproduces the extractor's default output exactly for N = `N_SAMPLES_30S`.
     Steps: centred STFT (reflect padding, periodic Hann 400, hop 160) -> power -> mel ->
     log10 (floor 1e-10) -> clamp to (max - 8) over the whole utterance -> (x + 4) / 4.
+
+    `causal=True` clamps each frame to (max over the frames up to it - 8) instead: what a stream
+    can compute before the utterance ends (`StreamingLogMel` gives the same frames bit for bit).
     """
     x = np.asarray(audio, dtype=np.float32)
     if x.ndim != 1:
@@ -68,15 +73,80 @@ def log_mel(audio, n_mels: int = 80, *, pad_to_samples: int | None = None) -> np
             f"audio has {x.size} samples; log_mel needs more than {N_FFT // 2} "
             f"({N_FFT // 2 / SAMPLE_RATE * 1e3:.1f} ms at {SAMPLE_RATE} Hz)"
         )
-    n = num_frames(x.size)
     padded = np.pad(x, N_FFT // 2, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP][:n]  # [F, N_FFT]
-    spec = np.fft.rfft(frames * _hann(N_FFT), axis=-1)  # [F, N_FFT/2 + 1]
-    power = spec.real**2 + spec.imag**2
-    mel = power.astype(np.float32) @ mel_filters(n_mels)  # [F, n_mels]
-    log = np.log10(np.maximum(mel, 1e-10))
-    log = np.maximum(log, log.max() - 8.0)
+    log = _log_mel_rows(padded, 0, num_frames(x.size), n_mels)
+    floor = np.maximum.accumulate(log.max(-1))[:, None] if causal else log.max()
+    return _normalise(log, floor)
+
+
+def _log_mel_rows(padded: np.ndarray, start: int, stop: int, n_mels: int) -> np.ndarray:
+    """log10 mel power `[stop - start, n_mels]` of frames start..stop-1 of the reflect-padded
+    signal. Each row is computed on its own arithmetic path (numpy's rfft per row, a non-BLAS
+    einsum for the projection: BLAS blocks rows differently by count), so a frame has the same
+    bits whichever rows are computed with it; the stream relies on that."""
+    frames = np.lib.stride_tricks.sliding_window_view(padded[start * HOP :], N_FFT)[::HOP]
+    spec = np.fft.rfft(frames[: stop - start] * _hann(N_FFT), axis=-1)  # [F, N_FFT/2 + 1]
+    power = (spec.real**2 + spec.imag**2).astype(np.float32)
+    mel = np.einsum("tf,fm->tm", power, mel_filters(n_mels), optimize=False)  # [F, n_mels]
+    return np.log10(np.maximum(mel, 1e-10))
+
+
+def _normalise(log: np.ndarray, floor) -> np.ndarray:
+    """Clamp to `floor - 8` and scale as Whisper does: `[F, n_mels]` -> `[n_mels, F]`."""
+    log = np.maximum(log, floor - 8.0)
     return np.ascontiguousarray(((log + 4.0) / 4.0).T, dtype=np.float32)
+
+
+class StreamingLogMel:
+    """`log_mel(audio, causal=True)` computed as the audio arrives.
+
+    `push(samples)` returns the frames `[n_mels, k]` that became final (a frame is final once its
+    400-sample window lies inside the audio received: 12.5 ms after its hop ends); `finish()`
+    returns the last frames, whose windows reach into the reflect padding of the utterance's end.
+    Together they equal `log_mel(all samples, causal=True)` bit for bit.
+    """
+
+    def __init__(self, n_mels: int = 80):
+        self.n_mels = n_mels
+        self._audio = np.zeros(0, np.float32)
+        self.frames_out = 0  # frames returned so far
+        self._max = -np.inf  # running per-frame maximum of log10 mel power
+
+    @property
+    def num_samples(self) -> int:
+        return self._audio.size
+
+    def push(self, samples) -> np.ndarray:
+        x = np.asarray(samples, dtype=np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"audio must be 1-D mono samples, got shape {x.shape}")
+        self._audio = np.concatenate([self._audio, x])
+        n = self._audio.size
+        if n <= N_FFT // 2:  # the left reflection needs N_FFT // 2 + 1 samples
+            return np.zeros((self.n_mels, 0), np.float32)
+        # Frame t is final when its window [160 t - 200, 160 t + 200) lies inside the audio.
+        stop = min((n - N_FFT // 2) // HOP + 1, num_frames(n))
+        return self._rows(np.pad(self._audio, (N_FFT // 2, 0), mode="reflect"), stop)
+
+    def finish(self) -> np.ndarray:
+        """The remaining frames (the utterance has ended); an error for audio too short."""
+        n = self._audio.size
+        if n <= N_FFT // 2:
+            raise ValueError(
+                f"audio has {n} samples; log_mel needs more than {N_FFT // 2} "
+                f"({N_FFT // 2 / SAMPLE_RATE * 1e3:.1f} ms at {SAMPLE_RATE} Hz)"
+            )
+        return self._rows(np.pad(self._audio, N_FFT // 2, mode="reflect"), num_frames(n))
+
+    def _rows(self, padded: np.ndarray, stop: int) -> np.ndarray:
+        start = self.frames_out
+        if stop <= start:
+            return np.zeros((self.n_mels, 0), np.float32)
+        log = _log_mel_rows(padded, start, stop, self.n_mels)
+        floor = np.maximum.accumulate(np.maximum(log.max(-1), self._max))
+        self._max = float(floor[-1])
+        self.frames_out = stop
+        return _normalise(log, floor[:, None])
 
 
 def silence_value(features: np.ndarray) -> float:

@@ -99,6 +99,7 @@ def evaluate_run(
     max_rows: int = 0,
     worker_count: int | None = None,
     progress: bool = True,
+    rule: str = "offline",
 ) -> dict:
     """The metrics of docs/method.md §7 for a run (a workdir path or a loaded `workdir.Run`) on
     `manifest`:
@@ -111,8 +112,10 @@ def evaluate_run(
     - bleu and bleu_text against each row's "reference" (its reference output, e.g. the
       translation) when every row has one; task "translation" requires them;
     - task None: "translation" when every row has a "reference", else "continuation".
-    `instruction` replaces every row's instruction. Rows the pipeline can't use (too long for the
-    run's data config, unreadable audio) are skipped by both parts and counted in "skipped".
+    `rule` is how speech becomes vectors for the generations (`respond.RULES`: "stream" is
+    what a stream computes). `instruction` replaces every row's instruction. Rows the pipeline
+    can't use (too long for the run's data config, unreadable audio) are skipped by both parts
+    and counted in "skipped".
     Writes `out` (default WORKDIR/eval): manifest.jsonl (the rows evaluated), responses.jsonl,
     metrics.json and metrics.md; returns the metrics.
 
@@ -148,6 +151,7 @@ def evaluate_run(
             max_rows=max_rows,
             worker_count=worker_count,
             progress=progress,
+            rule=rule,
         )
     finally:
         if scratch is not None:
@@ -167,6 +171,7 @@ def _evaluate(
     max_rows,
     worker_count,
     progress,
+    rule,
 ) -> dict:
     writer = multihost.is_writer()
     objs, malformed = prepare_manifest(manifest, eval_manifest, instruction, max_rows)
@@ -203,12 +208,13 @@ def _evaluate(
         "manifest": os.fspath(manifest),
         "task": task,
         "instruction": instruction,
+        "rule": rule,
         "rows": len(rows),
         "skipped": len(malformed) + len(pipeline.bad_rows),
     }
     metrics.update(consistency(run.model, run.params, pipeline, run.mesh, run.loss_cfg))
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    speech = speech_responses(run, rows, **kw)
+    speech = speech_responses(run, rows, rule=rule, **kw)
     text = text_responses(run, rows, **kw)
     metrics["exact_match"] = exact_match(speech, text)
     references = None

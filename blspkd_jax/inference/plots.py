@@ -78,7 +78,7 @@ def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> str:
         ax.set_visible(False)
     fig.suptitle(f"{_name(workdir)}: training curves", fontsize=11)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def fire_points(alphas: np.ndarray) -> np.ndarray:
@@ -108,43 +108,48 @@ def plot_cif(run, row, out: str | os.PathLike) -> str:
         run.tokenizer.decode([tokens[k]]).strip() if k < len(tokens) else "?"
         for k in range(len(fires))
     ]
+    title = (
+        f"CIF fires {len(fires)} tokens (sum of alpha {alphas.sum():.2f}); the transcript has "
+        f"{len(tokens)} (run {_name(run.workdir)}, step {run.step})"
+    )
+    fig = cif_figure(feats[0][:, :frames], alphas, fires, labels, f"{row.id}: {row.text}", title)
+    return save_png(fig, out)
+
+
+def cif_figure(mel, alphas, fires, labels, heading: str, title: str, rescale: bool = True):
+    """The figure `plot_cif` draws: log-mel `[n_mels, F]` on top; below, the firing weights of
+    the `ceil(F/2)` encoder frames, the cumulative weight (rescaled to `round(sum)` as offline
+    inference does, unless `rescale=False`: the stream's threshold rule) and a line at each fire
+    frame labelled with `labels`."""
+    frames = mel.shape[1]
     seconds = frames / audio_lib.FRAMES_PER_SECOND
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 5.5), sharex=True)
     top.imshow(
-        feats[0][:, :frames],
-        origin="lower",
-        aspect="auto",
-        extent=(0, seconds, 0, feats.shape[1]),
-        cmap="magma",
+        mel, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[0]), cmap="magma"
     )
     top.set_ylabel("mel bin")
-    top.set_title(f"{row.id}: {row.text}", fontsize=10)
+    top.set_title(heading, fontsize=10)
     t = (np.arange(len(alphas)) + 0.5) * 2 / audio_lib.FRAMES_PER_SECOND  # encoder frames: 20 ms
     bottom.bar(t, alphas, width=0.018, color="tab:blue")
     bottom.set_ylabel("alpha (firing weight)")
     bottom.set_xlabel("seconds")
-    bottom.set_ylim(0, max(0.05, float(alphas.max()) * 1.3))
-    total = max(float(alphas.sum()), 1e-9)
-    cumulative = np.cumsum(alphas) * max(1, round(total)) / total  # as inference rescales it
+    bottom.set_ylim(0, max(0.05, float(np.max(alphas, initial=0)) * 1.3))
+    total = max(float(np.sum(alphas)), 1e-9)
+    cumulative = np.cumsum(alphas) * (max(1, round(total)) / total if rescale else 1.0)
     twin = bottom.twinx()
     twin.plot(t, cumulative, color="tab:gray", lw=1)
     twin.set_ylabel("cumulative weight (grey)", fontsize=9)
     twin.set_ylim(0, max(1.0, float(cumulative[-1]) * 1.05) if len(cumulative) else 1.0)
     for k, (f, label) in enumerate(zip(fires, labels, strict=True)):
-        x = t[f]
+        x = t[min(int(f), len(t) - 1)]
         for ax in (top, bottom):
             ax.axvline(x, color="white" if ax is top else "tab:red", lw=0.8, alpha=0.8)
         y = 0.92 - 0.12 * (k % 3)  # staggered so that neighbours don't overlap
         bottom.text(x, y, label, transform=bottom.get_xaxis_transform(), fontsize=8,
                     ha="center", va="top", color="tab:red")  # fmt: skip
-    n_ref = len(tokens)
-    fig.suptitle(
-        f"CIF fires {len(fires)} tokens (sum of alpha {alphas.sum():.2f}); the transcript has "
-        f"{n_ref} (run {_name(run.workdir)}, step {run.step})",
-        fontsize=10,
-    )
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return fig
 
 
 def _name(workdir: str | os.PathLike) -> str:
@@ -152,7 +157,7 @@ def _name(workdir: str | os.PathLike) -> str:
     return posixpath.basename(os.fspath(workdir).rstrip("/"))
 
 
-def _save(fig, out: str | os.PathLike) -> str:
+def save_png(fig, out: str | os.PathLike) -> str:
     """Write the figure as PNG to `out`, a local path or a URL (storage.py)."""
     out = os.fspath(out)
     storage.makedirs(storage.parent(out))

@@ -79,6 +79,23 @@ def build_prompts(
     return out
 
 
+# How speech becomes vectors at inference: "offline", the paper's (log-mel clamped over the whole
+# utterance, CIF rescaled to round(sum(alpha)) tokens), or "stream", what a stream computes
+# (the causal log-mel, CIF's threshold rule: `inference.stream` equals it token for token).
+RULES = ("offline", "stream")
+
+
+def rule_model(model: BLSPKD, rule: str) -> BLSPKD:
+    """`model` with CIF's firing rule for `rule` (the "stream" rule fires by threshold)."""
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r} unknown, expected one of {RULES}")
+    firing = "threshold" if rule == "stream" else model.config.adapter.firing
+    if firing == model.config.adapter.firing:
+        return model
+    adapter = dataclasses.replace(model.config.adapter, firing=firing)
+    return BLSPKD(dataclasses.replace(model.config, adapter=adapter))
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _speech_vectors(params, features, feature_mask, *, model: BLSPKD):
     tokens, token_mask, aux = model.apply(
@@ -87,26 +104,27 @@ def _speech_vectors(params, features, feature_mask, *, model: BLSPKD):
     return tokens, token_mask.sum(-1), aux["alphas"]
 
 
-def _run_speech(run, features, feature_mask):
+def _run_speech(run, features, feature_mask, rule="offline"):
     """Encoder + CFormer on a batch (host arrays, or global arrays split by batch) on the run's
-    mesh -> (vectors, counts, alphas) as global arrays split by batch."""
+    mesh, CIF firing by `rule` -> (vectors, counts, alphas) as global arrays split by batch."""
     place = lambda x: (  # noqa: E731
         x
         if isinstance(x, jax.Array)
         else multihost.global_from_host(x, multihost.batch_spec(run.mesh, np.shape(x)))
     )
-    with sharding.activate(run.mesh, _rules(run.mesh, features.shape[0])):
-        return _speech_vectors(run.params, place(features), place(feature_mask), model=run.model)
+    with sharding.activate(run.mesh, batch_rules(run.mesh, features.shape[0])):
+        model = rule_model(run.model, rule)
+        return _speech_vectors(run.params, place(features), place(feature_mask), model=model)
 
 
-def _rules(mesh, batch: int):
+def batch_rules(mesh, batch: int):
     """The rules table, with activations' batch axis replicated when the batch does not split."""
     if batch % multihost.batch_divisor(mesh) == 0:
         return sharding.RULES
     return tuple((k, None if k == "act_batch" else v) for k, v in sharding.RULES)
 
 
-def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
+def speech_vectors(run, features, feature_mask, rule="offline") -> tuple[jax.Array, np.ndarray]:
     """Encoder + CFormer in inference mode (no target lengths: CIF emits
     `N_b = max(1, round(sum(alpha_b)))` vectors, at most `model.adapter.max_tokens`).
 
@@ -114,7 +132,7 @@ def speech_vectors(run, features, feature_mask) -> tuple[jax.Array, np.ndarray]:
     split by batch) -> (vectors `[B, max_tokens, H]`, a global array split by batch; N `[B]` int
     on the host).
     """
-    tokens, counts, _ = _run_speech(run, features, feature_mask)
+    tokens, counts, _ = _run_speech(run, features, feature_mask, rule)
     return tokens, multihost.to_host(counts)
 
 
@@ -162,7 +180,7 @@ def _splice(run, module: LLM, input_ids, speech_mask, vectors):
         else multihost.global_from_host(x, multihost.batch_spec(mesh, x.shape))
         for x in args
     ]
-    with sharding.activate(mesh, _rules(mesh, input_ids.shape[0])):
+    with sharding.activate(mesh, batch_rules(mesh, input_ids.shape[0])):
         return fn(nn.unbox(run.llm_params), *placed)
 
 
@@ -231,14 +249,16 @@ def frame_bucket(run, frames: int) -> int:
     return next((int(f) for f in run.data.frame_buckets if f >= frames), window)
 
 
-def _decode(run, rows) -> list[np.ndarray]:
-    """Each row's log-mel `[n_mels, F_i]` (audio in any format, resampled to 16 kHz mono); a
-    DataError names the row whose audio can't be read or is beyond the encoder's window."""
+def _decode(run, rows, rule="offline") -> list[np.ndarray]:
+    """Each row's log-mel `[n_mels, F_i]` (audio in any format, resampled to 16 kHz mono; the
+    causal log-mel under the "stream" rule); a DataError names the row whose audio can't be read
+    or is beyond the encoder's window."""
     n_mels = run.model.config.encoder.num_mel_bins
     feats = []
     for r in rows:
         try:
-            f = log_mel(audio_lib.load(r.audio, r.offset, r.duration), n_mels)
+            wave = audio_lib.load(r.audio, r.offset, r.duration)
+            f = log_mel(wave, n_mels, causal=rule == "stream")
             frame_bucket(run, f.shape[1])  # raises for audio beyond the encoder's window
         except ValueError as e:  # AudioError, too short for one STFT window, or too long
             raise DataError(f"line {r.line} (id {r.id!r}): {e}") from None
@@ -246,10 +266,11 @@ def _decode(run, rows) -> list[np.ndarray]:
     return feats
 
 
-def load_features(run, rows) -> tuple[np.ndarray, np.ndarray]:
+def load_features(run, rows, rule="offline") -> tuple[np.ndarray, np.ndarray]:
     """Decode rows' audio (any format, resampled to 16 kHz mono) to padded log-mels
-    `([B, n_mels, F], mask [B, F])`, as the training pipeline pads them."""
-    feats = _decode(run, rows)
+    `([B, n_mels, F], mask [B, F])`, as the training pipeline pads them (`rule="stream"`: the
+    causal log-mel)."""
+    feats = _decode(run, rows, rule)
     longest = max(f.shape[1] for f in feats)
     return pad_features(feats, frame_bucket(run, longest))
 
@@ -347,8 +368,10 @@ def speech_responses(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     progress: bool = True,
+    rule: str = "offline",
 ) -> list[str]:
-    """Greedy responses to each row's speech (manifest `Row`s, in their order).
+    """Greedy responses to each row's speech (manifest `Row`s, in their order), its vectors
+    made by `rule` (`RULES`).
 
     Per batch (rows sorted by audio length, filler rows completing the last): log-mel ->
     encoder + CFormer in inference mode (N_b vectors) -> a prompt with N_b speech slots where the
@@ -356,7 +379,7 @@ def speech_responses(
     greedy decoding until an end-of-turn token.
     """
     rows = list(rows)
-
+    rule_model(run.model, rule)  # an unknown rule fails before any audio is read
     batch_size = _round_batch(run, batch_size)
     n_mels = run.model.config.encoder.num_mel_bins
 
@@ -366,7 +389,7 @@ def speech_responses(
         target = multihost.batch_spec(run.mesh, (batch_size, n_mels, 1))
         mine = multihost.local_rows(target, (batch_size, n_mels, 1))
         take = sorted({b if b < len(idx) else 0 for b in mine})
-        decoded = _decode(run, [rows[idx[b]] for b in take])
+        decoded = _decode(run, [rows[idx[b]] for b in take], rule)
         F = frame_bucket(run, multihost.allmax(max(f.shape[1] for f in decoded)))
         host_feats, masks = pad_features(decoded, F)
         at = {b: k for k, b in enumerate(take)}
@@ -378,7 +401,7 @@ def speech_responses(
         mask = multihost.global_from_rows(
             (batch_size, F), bool, mask_target, lambda b: pick(masks, b)
         )
-        vectors, counts = speech_vectors(run, feats, mask)
+        vectors, counts = speech_vectors(run, feats, mask, rule)
         return [int(n) for n in counts[: len(idx)]], vectors
 
     args = (max_new_tokens, batch_size, progress)

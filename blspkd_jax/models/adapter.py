@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blspkd_jax.models.cif import METHODS, cif
-from blspkd_jax.models.encoder import WhisperLayer
+from blspkd_jax.models.cif import FIRING, METHODS, cif
+from blspkd_jax.models.encoder import WhisperLayer, chunk_causal
 from blspkd_jax.models.layers import REMAT_POLICIES, RMSNorm, Stack, dense
 
 
@@ -21,6 +21,10 @@ class CFormerConfig:
 
     `d_model` is the encoder width D (the CFormer keeps it); `llm_hidden` is H; `max_tokens` is
     the static number N of token slots CIF fills (ask for at least the longest transcript).
+    `firing` is CIF's rule at inference (`cif.FIRING`; training always has the target lengths).
+    `chunk_frames > 0` (set with the encoder's, `model.encoder.chunk_frames`) makes the pre-CIF
+    layers chunk-causal over the frames and the post-CIF layers causal over the tokens: a token,
+    once fired, never changes (streaming, `CFormerStream`).
     """
 
     d_model: int = 1280
@@ -33,6 +37,8 @@ class CFormerConfig:
     out_norm: bool = False  # Ultravox's RMSNorm before out_proj
     out_norm_eps: float = 1e-6
     cif_method: str = "parallel"
+    firing: str = "rescale"
+    chunk_frames: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
@@ -55,6 +61,10 @@ class CFormerConfig:
             raise ValueError(f"{where}: max_tokens {self.max_tokens} must be >= 1")
         if self.cif_method not in METHODS:
             raise ValueError(f"{where}: cif_method {self.cif_method!r} not one of {METHODS}")
+        if self.firing not in FIRING:
+            raise ValueError(f"{where}: firing {self.firing!r} not one of {FIRING}")
+        if self.chunk_frames < 0:
+            raise ValueError(f"{where}: chunk_frames {self.chunk_frames} must be >= 0")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"{where}: remat {self.remat!r} not one of {list(REMAT_POLICIES)}")
 
@@ -99,8 +109,11 @@ class CFormer(nn.Module):
             return Stack(WhisperLayer, layer, n, scan=c.scan_layers, remat=c.remat, name=name)
 
         x = nn.with_logical_constraint(h.astype(dt), ("act_batch", "act_len", "act_embed"))
+        pre_mask = frame_mask
+        if c.chunk_frames:
+            pre_mask = chunk_causal(frames, c.chunk_frames)[None] & frame_mask[:, None, :]
         if c.n_pre:
-            x = stack(c.n_pre, "pre_layers")(x, frame_mask)
+            x = stack(c.n_pre, "pre_layers")(x, pre_mask)
         # The last channel is the firing logit; the sigmoid in float32 keeps small alphas exact.
         alphas = jnp.where(frame_mask, jax.nn.sigmoid(x[..., -1].astype(jnp.float32)), 0.0)
         tokens, token_mask, overflow = cif(
@@ -110,13 +123,18 @@ class CFormer(nn.Module):
             max_tokens=c.max_tokens,
             target_lengths=target_lengths,
             method=c.cif_method,
+            firing=c.firing,
             return_overflow=True,
         )
+        post_mask = token_mask
+        if c.chunk_frames:  # causal over the tokens: token k sees tokens 0..k
+            causal = jnp.tril(jnp.ones((c.max_tokens, c.max_tokens), bool))
+            post_mask = causal[None] & token_mask[:, None, :]
         # The CIF input has D-1 channels (odd for every Whisper size): not split over devices.
         y = dense(width, (None, "embed"), dt, pdt, "cif_proj")(tokens)
         y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_embed"))
         if c.n_post:
-            y = stack(c.n_post, "post_layers")(y, token_mask)
+            y = stack(c.n_post, "post_layers")(y, post_mask)
         if c.out_norm:
             y = RMSNorm(c.out_norm_eps, dt, pdt, name="out_norm")(y)
         y = dense(c.llm_hidden, ("mlp", "embed"), dt, pdt, "out_proj")(y)
@@ -124,3 +142,46 @@ class CFormer(nn.Module):
         y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_embed"))
         aux = {"alphas": alphas, "alpha_sum": alphas.sum(-1), "overflow": overflow}
         return y, token_mask, aux
+
+
+class CFormerStream(nn.Module):
+    """The chunk-causal CFormer (`chunk_frames > 0`) piece by piece, from its parameters (the same
+    tree), for streaming; CIF itself runs between the two parts (`cif.StreamingCIF`).
+
+    `part="frames"`: a chunk of encoder frames `h [B, K, D]`, `valid [B, K]`, `past` per pre-CIF
+    layer `(keys, values)` `[n_pre, B, S, heads, Dh]`, `past_valid [B, S]` ->
+    `(values [B, K, D-1], alphas [B, K] float32 (0 where not valid), new (keys, values))`.
+    `part="tokens"`: fired CIF vectors `[B, M, D-1]` (each sees the earlier ones and itself),
+    `past` per post-CIF layer over the earlier tokens -> `(speech tokens [B, M, H], new kv)`.
+    With no layers in a part, its kv is None.
+    """
+
+    config: CFormerConfig
+
+    @nn.compact
+    def __call__(self, part: str, x, valid, past, past_valid):
+        c = self.config
+        dt, pdt = c.dtype, c.param_dtype
+        layer = dict(
+            d_model=c.d_model, num_heads=c.num_heads, ffn_dim=c.ffn_dim, dtype=dt, param_dtype=pdt
+        )
+
+        def stack(n, name, x, mask):
+            if not n:
+                return x, None
+            inputs = (*past, jnp.broadcast_to(past_valid, (n, *past_valid.shape)))
+            return Stack(WhisperLayer, layer, n, scan=c.scan_layers, name=name)(
+                x, mask, layer_inputs=inputs
+            )
+
+        x = x.astype(dt)
+        if part == "frames":
+            x, kv = stack(c.n_pre, "pre_layers", x, valid)
+            alphas = jnp.where(valid, jax.nn.sigmoid(x[..., -1].astype(jnp.float32)), 0.0)
+            return x[..., :-1], alphas, kv
+        M = x.shape[1]
+        y = dense(c.d_model, (None, "embed"), dt, pdt, "cif_proj")(x)
+        y, kv = stack(c.n_post, "post_layers", y, jnp.tril(jnp.ones((1, M, M), bool)))
+        if c.out_norm:
+            y = RMSNorm(c.out_norm_eps, dt, pdt, name="out_norm")(y)
+        return dense(c.llm_hidden, ("mlp", "embed"), dt, pdt, "out_proj")(y), kv

@@ -295,6 +295,17 @@ def hf_config(
     import transformers
 
     enc, ad, llm = model_cfg.encoder, model_cfg.adapter, model_cfg.llm
+    # The PyTorch modeling file implements Whisper's full attention and the paper's rescaled CIF.
+    if enc.chunk_frames:
+        raise ExportError(
+            f"model.encoder.chunk_frames={enc.chunk_frames}: chunk-causal runs cannot be exported "
+            "to Hugging Face yet (the PyTorch modeling file attends over whole utterances)"
+        )
+    if ad.firing != "rescale":
+        raise ExportError(
+            f"model.adapter.firing={ad.firing!r}: the export's PyTorch CIF rescales (the paper's "
+            "rule); export with the default firing"
+        )
     return {
         "model_type": MODEL_TYPE,
         "architectures": ["BLSPKDModel"],

@@ -25,6 +25,13 @@ import numpy as np
 from jax import lax
 
 METHODS = ("parallel", "segment", "dense", "scan")
+# Inference's rules for how many tokens to emit and with what weights (training always rescales
+# to the transcript's length). "rescale": the paper's, `round(sum(alpha))` tokens from alphas
+# scaled to sum to that; it needs the whole utterance. "threshold": the stream's, the unscaled
+# alphas integrated with threshold 1, each token final when it fires; at the end the partial
+# token is kept if it holds at least half a token's weight (or if nothing fired).
+FIRING = ("rescale", "threshold")
+TAIL_THRESHOLD = 0.5
 # "parallel" names the fastest method that needs no sequential scan (benchmarks/cif.py: on CPU at
 # B=8, T=1500, N=128, C=1279, forward+backward, segment ~1.8x faster than dense and than a
 # scatter-add segment sum, ~2x the memory floor).
@@ -416,6 +423,7 @@ def cif(
     max_tokens: int,
     target_lengths=None,
     method: str = "parallel",
+    firing: str = "rescale",
     return_overflow: bool = False,
 ):
     """Continuous integrate-and-fire with threshold 1.
@@ -430,6 +438,10 @@ def cif(
       method: "parallel" (default, = "segment"), "segment", "dense" or "scan" (all equal, in
         value and gradient; "segment" has a hand-written VJP, so forward-mode `jax.jvp` needs
         "dense" or "scan").
+      firing: inference's rule when `target_lengths` is None (`FIRING`): "rescale" as above, or
+        "threshold": no rescaling; `floor(sum(alpha))` tokens fire at threshold 1 and the rest
+        is one more token when it weighs at least `TAIL_THRESHOLD` (or when none fired), as
+        `StreamingCIF` computes them frame by frame.
       return_overflow: also return the number of examples (int32 scalar) whose n exceeds
         `max_tokens`; those keep their first `max_tokens` tokens and an all-True mask.
 
@@ -455,11 +467,21 @@ def cif(
         raise ValueError(f"cif: max_tokens must be a positive Python int, got {max_tokens!r}")
     if method not in METHODS:
         raise ValueError(f"cif: method {method!r} unknown, expected one of {METHODS}")
+    if firing not in FIRING:
+        raise ValueError(f"cif: firing {firing!r} unknown, expected one of {FIRING}")
     impl = _IMPLS[PARALLEL if method == "parallel" else method]
 
-    n = token_lengths(alphas, frame_mask, target_lengths)
-    a = _scaled_alphas(alphas, frame_mask, n)
-    tokens = impl(values.astype(jnp.float32), a, n, int(max_tokens))
+    if target_lengths is None and firing == "threshold":
+        a = _valid_alphas(alphas, frame_mask)
+        whole, frac = split_cumsum(a)
+        fired, tail = whole[:, -1], frac[:, -1]
+        # Token `fired` takes the tail (nothing lies beyond it); it is kept or masked below.
+        tokens = impl(values.astype(jnp.float32), a, fired + 1, int(max_tokens))
+        n = jnp.where((tail >= TAIL_THRESHOLD) | (fired == 0), fired + 1, fired)
+    else:
+        n = token_lengths(alphas, frame_mask, target_lengths)
+        a = _scaled_alphas(alphas, frame_mask, n)
+        tokens = impl(values.astype(jnp.float32), a, n, int(max_tokens))
     token_mask = jnp.arange(max_tokens, dtype=jnp.int32)[None, :] < n[:, None]
     tokens = jnp.where(token_mask[..., None], tokens, 0.0).astype(values.dtype)
     if return_overflow:
@@ -480,3 +502,45 @@ def quantity_loss(alphas, frame_mask, target_lengths, example_mask=None):
         return jnp.mean(err)
     ex = jnp.asarray(example_mask).astype(jnp.float32)
     return jnp.sum(err * ex) / jnp.maximum(ex.sum(), 1.0)
+
+
+class StreamingCIF:
+    """CIF's "threshold" rule frame by frame (host numpy, float32), for streaming: `push(values
+    [K, C], alphas [K])` returns the tokens `[m, C]` that fired in these frames, final at once;
+    `finish()` the tail token `[0 or 1, C]`. Together they are what `cif(..., firing="threshold")`
+    returns for the whole utterance: the cumulative weight is carried as (whole tokens, fraction)
+    as `split_cumsum` adds it, so the same frames fire with the same weights (the weighted sums
+    differ by float rounding only).
+    """
+
+    def __init__(self, channels: int):
+        self.fired = 0  # whole tokens of cumulative weight: the tokens fired so far
+        self.fill = np.float32(0)  # the fraction: the current token's weight, in [0, 1)
+        self.partial = np.zeros(channels, np.float32)  # its weighted sum of values
+        self.frames = 0  # frames pushed so far
+        self.fire_frames: list[int] = []  # the frame where each token fired
+
+    def push(self, values, alphas) -> np.ndarray:
+        values = np.asarray(values, np.float32)
+        out = []
+        for a, x in zip(np.maximum(np.asarray(alphas, np.float32), 0), values, strict=True):
+            whole = np.floor(a)
+            s = self.fill + (a - whole)  # < 2: its floor is the carry, as in split_cumsum
+            carry = np.floor(s)
+            fired = self.fired + int(whole + carry)
+            frac = np.float32(s - carry)
+            if fired == self.fired:
+                self.partial = self.partial + a * x
+            else:  # as `_frame_plan`: 1 - fill to the token that fires, 1 to any completed in
+                # between, the new fraction to the next one
+                out.append(self.partial + (np.float32(1) - self.fill) * x)
+                out += [x] * (fired - self.fired - 1)
+                self.partial = frac * x
+                self.fire_frames += [self.frames] * (fired - self.fired)
+            self.fired, self.fill = fired, frac
+            self.frames += 1
+        return np.stack(out) if out else np.zeros((0, values.shape[-1]), np.float32)
+
+    def finish(self) -> np.ndarray:
+        keep = self.fill >= TAIL_THRESHOLD or self.fired == 0
+        return self.partial[None] if keep else np.zeros((0, self.partial.size), np.float32)

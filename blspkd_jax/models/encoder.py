@@ -49,8 +49,31 @@ def _gelu(x):
     return jax.nn.gelu(x, approximate=False)  # Whisper uses the exact erf form
 
 
+def attention_mask(mask):
+    """A mask as `attention` takes it: `[B, S]` key validity -> `[B, 1, 1, S]`; `[B, T, S]`
+    (query may see key) -> `[B, 1, T, S]`; None stays None."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask).astype(bool)
+    return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+
+
+def chunk_causal(length: int, chunk_frames: int) -> jax.Array:
+    """`[length, length]` bool: frame i may see frame j when j's chunk of `chunk_frames` frames
+    is not later than i's (full attention inside a chunk and to every earlier chunk)."""
+    chunk = jnp.arange(length) // chunk_frames
+    return chunk[None, :] <= chunk[:, None]
+
+
 class WhisperAttention(nn.Module):
-    """Bidirectional multi-head self-attention; `mask [B, T]` (True = valid) hides padded keys."""
+    """Multi-head self-attention: `mask` `[B, T]` (True = valid key) or `[B, T, S]` (query may
+    see key; chunk-causal encoders), or None.
+
+    With `past = (keys, values, valid)` (`[B, S, heads, Dh]` twice and `[B, S]`: earlier frames'
+    keys and values, as a stream carries them) the T new frames also attend to those S; `mask`
+    then covers the new frames only, and the new keys and values are returned as well:
+    `(out, (k [B, T, heads, Dh], v))`.
+    """
 
     d_model: int
     num_heads: int
@@ -58,7 +81,7 @@ class WhisperAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, past=None):
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model {self.d_model} is not divisible by num_heads {self.num_heads} "
@@ -79,16 +102,26 @@ class WhisperAttention(nn.Module):
         v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_heads", None))
         # Scores and softmax in float32 whatever the compute dtype; q is already scaled. A row
         # with no valid key (a fully padded example) gets a finite mean of v, never NaN.
-        key_mask = None if mask is None else mask[:, None, None, :]
-        o = attention(q, k, v, key_mask, scale=1.0).reshape(B, T, self.d_model)
-        return dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(o)
+        key_mask = attention_mask(mask)
+        keys, values = k, v
+        if past is not None:
+            pk, pv, valid = past
+            keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+            own = jnp.ones((B, 1, T, T), bool) if key_mask is None else key_mask
+            seen = jnp.broadcast_to(attention_mask(valid), (B, 1, T, valid.shape[1]))
+            key_mask = jnp.concatenate([seen, jnp.broadcast_to(own, (B, 1, T, T))], axis=-1)
+        o = attention(q, keys, values, key_mask, scale=1.0).reshape(B, T, self.d_model)
+        o = dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(o)
+        return o if past is None else (o, (k, v))
 
 
 class WhisperLayer(nn.Module):
     """One Whisper encoder layer: pre-LN self-attention, then pre-LN GELU MLP, both residual.
 
-    `x [B, T, D]`, `mask [B, T]` bool (True = valid) or None -> `[B, T, D]`. Padded rows are
-    computed (finite) but meaningless; callers mask them downstream.
+    `x [B, T, D]`, `mask` `[B, T]` (True = valid) or `[B, T, S]` or None -> `[B, T, D]`. Padded
+    rows are computed (finite) but meaningless; callers mask them downstream. With `past` (see
+    `WhisperAttention`) it returns `(x, (k, v))`, this layer's new keys and values.
     """
 
     d_model: int
@@ -98,17 +131,19 @@ class WhisperLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, past=None):
         dt, pdt = self.dtype, self.param_dtype
         h = _layer_norm(dt, pdt, "self_attn_layer_norm")(x)
-        h = WhisperAttention(self.d_model, self.num_heads, dt, pdt, name="self_attn")(h, mask)
+        h = WhisperAttention(self.d_model, self.num_heads, dt, pdt, name="self_attn")(h, mask, past)
+        h, kv = h if past is not None else (h, None)
         x = x + h
         h = _layer_norm(dt, pdt, "final_layer_norm")(x)
         h = _gelu(dense(self.ffn_dim, ("embed", "mlp"), dt, pdt, "fc1")(h))
         h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
         h = dense(self.d_model, ("mlp", "embed"), dt, pdt, "fc2")(h)
         x = x + h
-        return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+        return x if kv is None else (x, kv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,11 +171,17 @@ class WhisperEncoderConfig:
     scan_layers: bool = False
     remat: str = "none"
     pad_to_30s: bool = True
+    chunk_frames: int = 0
 
     def __post_init__(self):
         # Accept "bfloat16" etc. from config files; store a hashable numpy dtype.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.chunk_frames < 0:
+            raise ValueError(
+                f"model.encoder.chunk_frames must be >= 0 (0 = full attention), got "
+                f"{self.chunk_frames}"
+            )
 
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any], **overrides) -> WhisperEncoderConfig:
@@ -227,6 +268,12 @@ class WhisperEncoder(nn.Module):
     attention keys, so each example of a padded batch equals that example run alone. Encoder frames
     outside `encoder_frame_mask(feature_mask)` hold finite, meaningless values.
     In `pad_to_30s` mode the encoder attends over every frame, as the checkpoint was trained.
+
+    `chunk_frames > 0` makes self-attention chunk-causal: encoder frame i sees frame j only when
+    `j // chunk_frames <= i // chunk_frames` (each chunk attends inside itself and to earlier
+    chunks), so a chunk's states never change once its audio (and two mel frames of the next
+    chunk, the convolutions' reach) has arrived: what streaming needs (`WhisperEncoderChunk`).
+    0 (the default) is Whisper's full attention.
     """
 
     config: WhisperEncoderConfig
@@ -264,49 +311,90 @@ class WhisperEncoder(nn.Module):
         x = jnp.swapaxes(input_features.astype(dt), 1, 2)  # [B, T, n_mels]
         if fm is not None:
             x = jnp.where(fm, x, 0)  # the value padding=1 would read alone
-        x = _gelu(self._conv(x, 1, ("conv_kernel", "conv_in", "embed"), "conv1"))
+        x = _gelu(_conv(c, 1, ((1, 1),), "conv1")(x))
         if fm is not None:
             x = jnp.where(fm, x, 0)
-        x = _gelu(
-            self._conv(x, 2, ("conv_kernel", "conv_in", "embed"), "conv2")
-        )  # [B, ceil(T/2), D]
-        pos = self.param(
-            "embed_positions",
-            nn.with_logical_partitioning(_sinusoid_init, ("pos", "embed")),
-            (c.max_source_positions, c.d_model),
-            pdt,
-        )
+        x = _gelu(_conv(c, 2, ((1, 1),), "conv2")(x))  # [B, ceil(T/2), D]
+        pos = _positions(self, c)
         x = x + pos[: x.shape[1]].astype(dt)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
         mask = None if fm is None else encoder_frame_mask(fm[..., 0])
-        x = Stack(
-            WhisperLayer,
-            dict(
-                d_model=c.d_model,
-                num_heads=c.encoder_attention_heads,
-                ffn_dim=c.encoder_ffn_dim,
-                dtype=dt,
-                param_dtype=pdt,
-            ),
-            c.encoder_layers,
-            scan=c.scan_layers,
-            remat=c.remat,
-            name="layers",
-        )(x, mask)
+        if c.chunk_frames:
+            causal = chunk_causal(x.shape[1], c.chunk_frames)[None]
+            mask = causal if mask is None else causal & mask[:, None, :]
+        x = _layer_stack(c, c.remat)(x, mask)
         return _layer_norm(dt, pdt, "layer_norm")(x)
 
-    def _conv(self, x, stride, names, name):
-        return nn.Conv(
-            self.config.d_model,
-            kernel_size=(3,),
-            strides=(stride,),
-            padding=((1, 1),),
-            dtype=self.config.dtype,
-            param_dtype=self.config.param_dtype,
-            kernel_init=_init(nn.initializers.lecun_normal(), names),
-            bias_init=_init(nn.initializers.zeros_init(), ("embed",)),
-            name=name,
-        )(x)
+
+def _conv(c: WhisperEncoderConfig, stride: int, padding, name: str) -> nn.Conv:
+    return nn.Conv(
+        c.d_model,
+        kernel_size=(3,),
+        strides=(stride,),
+        padding=padding,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=_init(nn.initializers.lecun_normal(), ("conv_kernel", "conv_in", "embed")),
+        bias_init=_init(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+def _positions(module: nn.Module, c: WhisperEncoderConfig):
+    return module.param(
+        "embed_positions",
+        nn.with_logical_partitioning(_sinusoid_init, ("pos", "embed")),
+        (c.max_source_positions, c.d_model),
+        c.param_dtype,
+    )
+
+
+def _layer_stack(c: WhisperEncoderConfig, remat: str) -> Stack:
+    layer = dict(
+        d_model=c.d_model,
+        num_heads=c.encoder_attention_heads,
+        ffn_dim=c.encoder_ffn_dim,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
+    return Stack(WhisperLayer, layer, c.encoder_layers, scan=c.scan_layers, remat=remat,
+                 name="layers")  # fmt: skip
+
+
+def chunk_mel_frames(chunk_frames: int) -> int:
+    """Mel frames a chunk of K encoder frames s .. s+K-1 reads: 2s-2 .. 2s+2K (conv2's stride-2
+    window over conv1's outputs, each of which reads one mel frame either side)."""
+    return 2 * chunk_frames + 3
+
+
+class WhisperEncoderChunk(nn.Module):
+    """K = `chunk_frames` encoder frames of a chunk-causal `WhisperEncoder`, from its parameters
+    (the same tree), for streaming: equal to those frames of the whole encoder's output.
+
+    `mel [B, n_mels, 2K + 3]`: mel frames 2s-2 .. 2s+2K (`chunk_mel_frames`), `mel_valid
+    [B, 2K + 3]` (False before the audio and past its end: read as zeros, as the convolutions'
+    padding and the variable-length encoder's masking do), `start` = s (int32, a multiple of K),
+    `past = (keys, values)` `[layers, B, S, heads, Dh]` of the frames before s and `past_valid
+    [B, S]` -> `(h [B, K, D], (keys, values) [layers, B, K, heads, Dh])` of these K frames.
+    """
+
+    config: WhisperEncoderConfig
+
+    @nn.compact
+    def __call__(self, mel, mel_valid, start, past, past_valid):
+        c = self.config
+        K = c.chunk_frames
+        x = jnp.swapaxes(mel.astype(c.dtype), 1, 2)  # [B, 2K + 3, n_mels]
+        x = jnp.where(mel_valid[..., None], x, 0)
+        x = _gelu(_conv(c, 1, "VALID", "conv1")(x))  # mel frames 2s-1 .. 2s+2K-1
+        x = jnp.where(mel_valid[:, 1:-1, None], x, 0)
+        x = _gelu(_conv(c, 2, "VALID", "conv2")(x))  # [B, K, D]: encoder frames s .. s+K-1
+        x = x + jax.lax.dynamic_slice_in_dim(_positions(self, c), start, K).astype(c.dtype)
+        valid = mel_valid[:, 2:-1:2]  # encoder frame j is valid when mel frame 2j is
+        depth = c.encoder_layers
+        layer_past = (*past, jnp.broadcast_to(past_valid, (depth, *past_valid.shape)))
+        x, kv = _layer_stack(c, "none")(x, valid, layer_inputs=layer_past)
+        return _layer_norm(c.dtype, c.param_dtype, "layer_norm")(x), kv
 
 
 # ----------------------------------------------------------------------------------------------

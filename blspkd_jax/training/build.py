@@ -58,6 +58,7 @@ def encoder_config(c: ml_collections.ConfigDict) -> WhisperEncoderConfig:
         scan_layers=c.scan_layers,
         remat=c.remat,
         pad_to_30s=_pad_to_30s(c.pad_to_30s, bool(c.hf_path)),
+        chunk_frames=c.get("chunk_frames", 0),  # runs saved before the key existed
     )
     if c.hf_path:
         return WhisperEncoderConfig.from_hf(hf.read_config(c.hf_path), **switches)
@@ -105,6 +106,8 @@ def _model_config(config: ml_collections.ConfigDict) -> BLSPKDConfig:
         max_tokens=a.max_tokens,
         out_norm=a.out_norm,
         cif_method=a.cif_method,
+        firing=a.get("firing", "rescale"),
+        chunk_frames=enc.chunk_frames,
         dtype=a.dtype,
         param_dtype=a.param_dtype,
         scan_layers=a.scan_layers,

@@ -246,6 +246,10 @@ def base_config() -> ml_collections.ConfigDict:
             "encoder_ffn_dim": 2048,
             "max_source_positions": 1500,
             "pad_to_30s": "auto",  # "auto" = true for a pretrained checkpoint, else false
+            # > 0: chunk-causal attention by chunks of this many encoder frames (20 ms each) in
+            # the encoder and the CFormer's pre-CIF layers, causal post-CIF layers: a model that
+            # streams (README "Streaming"). 0: full attention, as Whisper was trained.
+            "chunk_frames": 0,
             "dtype": "float32",
             "param_dtype": "float32",
             "scan_layers": False,
@@ -261,6 +265,9 @@ def base_config() -> ml_collections.ConfigDict:
             "max_tokens": 256,
             "out_norm": False,
             "cif_method": "parallel",
+            # CIF's rule at inference (training uses the transcript's length): "rescale" (the
+            # paper's) or "threshold" (the stream's; README "Streaming").
+            "firing": "rescale",
             "dtype": "float32",
             "param_dtype": "float32",
             "scan_layers": False,
