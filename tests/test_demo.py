@@ -79,3 +79,16 @@ def test_results_table_reads_every_stage_and_whisper():
     assert "| WER of 'repeat' from speech | 0.000 | 0.100 | 0.200 |" in table
     assert "same 12 held-out utterances: WER 0.320, exact match 0.300" in table
     assert "| Front Left | front / left | x | a b | y |" in table
+
+
+def test_results_table_of_a_chunk_causal_run_has_the_stream_rule_column():
+    keys = ("input_kl", "wer_repeat")
+    names = (*STAGES, "stage2_stream")
+    stages = {n: {k: i / 10 for k in keys} | {"rows": 12} for i, n in enumerate(names)}
+    table = results_markdown(
+        {"stages": stages, "asr_wer": 0.32, "asr_exact_match": 0.3, "export": None,
+         "export_agreement": None, "recordings": []}
+    )  # fmt: skip
+    assert "| metric | untrained | stage 1 | stage 2 | stage 2, stream rule |" in table
+    assert "| WER of 'repeat' from speech | 0.000 | 0.100 | 0.200 | 0.300 |" in table
+    assert "Export skipped: chunk-causal runs" in table

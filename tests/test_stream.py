@@ -66,10 +66,13 @@ def _encoder_config(scan, chunk=4):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("F", [37, 40])  # the last chunk partly past the end, and whole
-def test_encoder_chunks_equal_the_chunk_causal_encoder(scan, F):
-    c = _encoder_config(scan)
-    K, L, S = c.chunk_frames, c.encoder_layers, c.max_source_positions
+# The last chunk partly past the end of the audio; whole; and past the position table (6 does not
+# divide max_source_positions=40, and 79 mel frames fill all 40 encoder frames).
+@pytest.mark.parametrize("chunk,F", [(4, 37), (4, 40), (6, 79)])
+def test_encoder_chunks_equal_the_chunk_causal_encoder(scan, chunk, F):
+    c = _encoder_config(scan, chunk)
+    K, L = c.chunk_frames, c.encoder_layers
+    S = -(-c.max_source_positions // K) * K
     mel = np.random.default_rng(0).standard_normal((1, 8, F)).astype(np.float32)
     enc = WhisperEncoder(c)
     params = enc.init(jax.random.key(0), jnp.zeros((1, 8, F)), jnp.ones((1, F), bool))["params"]

@@ -263,14 +263,23 @@ def main(argv=None) -> int:
 
     t = stage("8/9 evaluation on held-out sentences; Whisper's own transcripts; a human voice")
     results = evaluate_all(root, manifests["eval"], instruction, args.eval_rows)
+    streams = workdir.load_run(root / "stage2").model.config.encoder.chunk_frames > 0
+    if streams:  # a chunk-causal run: stage 2 also under the stream's rule (README, Streaming)
+        results["stages"]["stage2_stream"] = evaluate_all(
+            root, manifests["eval"], instruction, args.eval_rows, ("stage2",), rule="stream"
+        )["stages"]["stage2"]
     results.update(whisper_baseline(root, whisper_dir))
     results["instructions"] = {"repeat": teacher.REPEAT_INSTRUCTION, "continue": instruction}
     results["recordings"] = answer_recordings(root, instruction)
     timings["evaluation"] = time.perf_counter() - t
     t = stage("9/9 export to Hugging Face and reload in PyTorch")
-    out, agree = export_and_verify(root, manifests["eval"])
-    results["export"] = str(out)
-    results["export_agreement"] = agree
+    if streams:
+        print("skipped: chunk-causal runs cannot be exported to Hugging Face yet")
+        results["export"] = results["export_agreement"] = None
+    else:
+        out, agree = export_and_verify(root, manifests["eval"])
+        results["export"] = str(out)
+        results["export_agreement"] = agree
     timings["export"] = time.perf_counter() - t
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     (root / "results.json").write_text(json.dumps(results, indent=1))
@@ -292,21 +301,30 @@ def export_and_verify(root: Path, eval_manifest: Path, rows: int = 4) -> tuple[P
 STAGES = ("untrained", "stage1", "stage2")
 
 
-def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: int) -> dict:
+def evaluate_all(
+    root: Path,
+    eval_manifest: Path,
+    instruction: str,
+    max_rows: int,
+    names=STAGES,
+    rule: str = "offline",
+) -> dict:
     """Each stage on the first `max_rows` held-out rows: consistency and greedy responses to the
-    continuation instruction, and to "repeat" (scored against the transcript)."""
+    continuation instruction, and to "repeat" (scored against the transcript); the speech made
+    into vectors by `rule` (`respond.RULES`)."""
     stages = {}
-    for name in STAGES:
+    suffix = "" if rule == "offline" else f"_{rule}"
+    for name in names:
         run = workdir.load_run(root / name)
         # Responses are at most ~25 tokens; an untrained model that never stops would otherwise
         # decode the full default budget on every row.
-        kw = {"max_rows": max_rows, "max_new_tokens": 48, "batch_size": 16}
+        kw = {"max_rows": max_rows, "max_new_tokens": 48, "batch_size": 16, "rule": rule}
         cont = evaluate.evaluate_run(
             run,
             eval_manifest,
             instruction=instruction,
             task="continuation",
-            out=root / name / "eval_continuation",
+            out=root / name / f"eval_continuation{suffix}",
             **kw,
         )
         asr = evaluate.evaluate_run(
@@ -314,7 +332,7 @@ def evaluate_all(root: Path, eval_manifest: Path, instruction: str, max_rows: in
             eval_manifest,
             instruction=teacher.REPEAT_INSTRUCTION,
             task="asr",
-            out=root / name / "eval_repeat",
+            out=root / name / f"eval_repeat{suffix}",
             **kw,
         )
         stages[name] = {
@@ -395,9 +413,11 @@ TABLE = (
 
 def results_markdown(results: dict) -> str:
     stages = results["stages"]
-    lines = ["| metric | untrained | stage 1 | stage 2 |", "| --- | --- | --- | --- |"]
+    names = [n for n in (*STAGES, "stage2_stream") if n in stages]
+    head = ["untrained", "stage 1", "stage 2", "stage 2, stream rule"][: len(names)]
+    lines = ["| metric | " + " | ".join(head) + " |", "| --- " * (len(names) + 1) + "|"]
     for key, label in TABLE:
-        vals = [stages[n].get(key, float("nan")) for n in STAGES]
+        vals = [stages[n].get(key, float("nan")) for n in names]
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     rows = stages["stage2"]["rows"]
     lines += [
@@ -405,7 +425,9 @@ def results_markdown(results: dict) -> str:
         f"Whisper tiny.en's own greedy transcripts of the same {rows} held-out utterances: "
         f"WER {results['asr_wer']:.3f}, exact match {results['asr_exact_match']:.3f}.",
         f"PyTorch export: greedy text equals JAX's on {results['export_agreement']} held-out "
-        f"utterances ({results['export']}).",
+        f"utterances ({results['export']})."
+        if results["export"]
+        else "Export skipped: chunk-causal runs cannot be exported to Hugging Face yet.",
     ]
     if results.get("recordings"):
         lines += [

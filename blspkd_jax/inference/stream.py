@@ -64,6 +64,8 @@ class Timing:
     audio_s: float = 0.0  # audio received
     compute_s: float = 0.0  # spent in push() and finish() while the audio arrived
     end_to_first_token_s: float | None = None  # from finish() to the first response token
+    end_speech_s: float | None = None  # of which: the last frames, chunks and tail token
+    end_llm_s: float | None = None  # of which: the LLM's one call (last tokens, end of prompt)
 
 
 class Streamer:
@@ -136,6 +138,29 @@ class Streamer:
         )
         return post, v["cache"]
 
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
+    def _last(self, params, post, llm_cache, vecs, n, middle):
+        """At the end of speech, one LLM call: the last speech tokens `vecs [1, M, D-1]` (the
+        first `n` real; the rest fill a bucket, masked) through the post-CIF layers, then with
+        the end of the prompt `middle [1, L]` -> the first response token."""
+        _, ad_p, llm_p = params
+        real = jnp.arange(vecs.shape[1])[None] < n
+        pk, pv, pvalid = post if post is not None else (None, None, jnp.zeros((1, 1), bool))
+        y, _ = self._adapter.apply({"params": ad_p}, "tokens", vecs, None, (pk, pv), pvalid)
+        text = self._llm.apply({"params": llm_p}, middle, method=LLM.embed)
+        embeds = jnp.concatenate([y.astype(text.dtype), text], axis=1)
+        mask = jnp.concatenate([real, jnp.ones(middle.shape, bool)], axis=1)
+        lora = jnp.concatenate([real, jnp.zeros(middle.shape, bool)], axis=1)
+        logits, v = self._llm.apply(
+            {"params": llm_p, "cache": llm_cache},
+            inputs_embeds=embeds,
+            attention_mask=mask,  # filler slots are never attended and take no position
+            lora_mask=lora if self.config.llm.lora_rank else None,
+            decode=True,
+            mutable=["cache"],
+        )
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), v["cache"]
+
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
     def _text(self, params, llm_cache, ids):
         """Text tokens `[1, L]` appended to the cache -> (the last position's logits [1, V])."""
@@ -169,7 +194,8 @@ class StreamSession:
         self._finished = False
         self._first: int | None = None  # the first response token, once finish() ran
 
-        W, dt = streamer.window, c.encoder.dtype
+        K = streamer.K
+        W, dt = -(-streamer.window // K) * K, c.encoder.dtype  # whole chunks: no clamped write
         enc_heads = c.encoder.encoder_attention_heads
         enc_kv = (1, W, enc_heads, c.encoder.d_model // enc_heads)
         kv = lambda n, shape: (jnp.zeros((n, *shape), dt), jnp.zeros((n, *shape), dt))  # noqa: E731
@@ -185,9 +211,10 @@ class StreamSession:
             else None
         )
         t = self.template
-        # The LLM's cache: prompt text, every speech token, the response; bucketed so that
-        # instructions of similar length share the compiled programs.
-        prompt = bucket_length(len(t.prefix) + a.max_tokens + len(t.middle))
+        # The LLM's cache: prompt text, every speech token (and the filler slots of the last
+        # call, fewer than the tokens or 4), the response; bucketed so that instructions of
+        # similar length share the compiled programs.
+        prompt = bucket_length(len(t.prefix) + 2 * a.max_tokens + 4 + len(t.middle))
         size = prompt + streamer.max_new_tokens
         self._llm_cache = init_cache(c.llm, 1, size)
         t0 = time.perf_counter()
@@ -207,7 +234,7 @@ class StreamSession:
         K = self.s.K
         # Chunk s .. s+K-1 reads mel frames up to 2(s+K): run it once that frame is in.
         while self.mel.shape[1] > 2 * (self.start + K):
-            self._chunk()
+            self._append(self._chunk())
         self.timing.compute_s += time.perf_counter() - t0
         return self.tokens
 
@@ -219,16 +246,27 @@ class StreamSession:
         self._finished = True
         self._add_mel(self.features.finish())
         F = self.mel.shape[1]
+        last = []  # the tokens still to fire go into the LLM with the end of the prompt, at once
         while self.start < (F + 1) // 2:
-            self._chunk()
+            last.append(self._chunk())
         tail = self.cif.finish()
         self.fire_frames += [self.cif.frames - 1] * len(tail)
-        self._append(tail)
+        last = np.concatenate([*last, tail])
+        self._check_room(len(last))
+        self.tokens += len(last)
+        slots = 4  # a power of two: a few compiled programs serve every count
+        while slots < len(last):
+            slots *= 2
+        vecs = np.zeros((1, slots, last.shape[1]), np.float32)
+        vecs[0, : len(last)] = last
+        t1 = time.perf_counter()
+        self.timing.end_speech_s = t1 - t0
         first, self._llm_cache = self.s._call(
-            Streamer._text, self.s.params, self._llm_cache,
-            np.asarray([self.template.middle], np.int32),
+            Streamer._last, self.s.params, self._post, self._llm_cache, vecs,
+            np.int32(len(last)), np.asarray([self.template.middle], np.int32),
         )  # fmt: skip
         self._first = int(first[0])
+        self.timing.end_llm_s = time.perf_counter() - t1
         self.timing.end_to_first_token_s = time.perf_counter() - t0
         return self.tokens
 
@@ -268,9 +306,10 @@ class StreamSession:
                 f"(model.encoder.max_source_positions={self.s.window})"
             )
 
-    def _chunk(self) -> None:
+    def _chunk(self) -> np.ndarray:
         """Run the chunk at `self.start` on the mel frames received (any later frame of its
-        window is past the end of the audio: push() runs a chunk only once its frames are in)."""
+        window is past the end of the audio: push() runs a chunk only once its frames are in)
+        -> the CIF vectors that fired in it `[m, D-1]`."""
         K, s, F = self.s.K, self.start, self.mel.shape[1]
         idx = np.arange(2 * s - 2, 2 * s + chunk_mel_frames(K) - 2)
         valid = (idx >= 0) & (idx < F)
@@ -282,18 +321,22 @@ class StreamSession:
         fired_before = self.cif.fired
         alphas = np.asarray(alphas[0])[: int(valid[2:-1:2].sum())]  # this chunk's valid frames
         self._alphas.append(alphas)
-        self._append(self.cif.push(np.asarray(values[0])[: alphas.size], alphas))
+        fired = self.cif.push(np.asarray(values[0])[: alphas.size], alphas)
         self.fire_frames += list(self.cif.fire_frames[fired_before:])
         self.start += K
+        return fired
+
+    def _check_room(self, more: int) -> None:
+        if self.tokens + more > self.s.config.adapter.max_tokens:
+            raise StreamError(
+                f"more than model.adapter.max_tokens={self.s.config.adapter.max_tokens} speech "
+                "tokens fired"
+            )
 
     def _append(self, vectors: np.ndarray) -> None:
         """Fired CIF vectors `[m, D-1]` into the post-CIF layers and the LLM's cache."""
         for vec in vectors:
-            if self.tokens >= self.s.config.adapter.max_tokens:
-                raise StreamError(
-                    f"more than model.adapter.max_tokens={self.s.config.adapter.max_tokens} "
-                    "speech tokens fired"
-                )
+            self._check_room(1)
             self._post, self._llm_cache = self.s._call(
                 Streamer._token, self.s.params, self._post, self._llm_cache,
                 vec[None, None].astype(np.float32), np.int32(self.tokens),

@@ -389,7 +389,10 @@ class WhisperEncoderChunk(nn.Module):
         x = _gelu(_conv(c, 1, "VALID", "conv1")(x))  # mel frames 2s-1 .. 2s+2K-1
         x = jnp.where(mel_valid[:, 1:-1, None], x, 0)
         x = _gelu(_conv(c, 2, "VALID", "conv2")(x))  # [B, K, D]: encoder frames s .. s+K-1
-        x = x + jax.lax.dynamic_slice_in_dim(_positions(self, c), start, K).astype(c.dtype)
+        # Padded by K rows: the last chunk may reach past the table (its frames past the end
+        # are masked), and dynamic_slice would otherwise clamp its start.
+        table = jnp.pad(_positions(self, c), ((0, K), (0, 0)))
+        x = x + jax.lax.dynamic_slice_in_dim(table, start, K).astype(c.dtype)
         valid = mel_valid[:, 2:-1:2]  # encoder frame j is valid when mel frame 2j is
         depth = c.encoder_layers
         layer_past = (*past, jnp.broadcast_to(past_valid, (depth, *past_valid.shape)))
