@@ -250,3 +250,23 @@ def test_export_refuses_a_chunk_causal_run(chunk_run):
 
     with pytest.raises(ExportError, match="chunk_frames=4"):
         hf_config(chunk_run[0].model.config)
+
+
+def test_web_answerer_offline_for_a_full_attention_run_and_messages_for_bad_audio(
+    tiny_run, tmp_path
+):
+    from blspkd_jax.inference.respond import speech_responses
+    from blspkd_jax.inference.web import Answerer
+
+    run = load_run(tiny_run[0])
+    answerer = Answerer(run, max_new_tokens=MAX_NEW, out_dir=str(tmp_path))
+    assert answerer.mode == "offline"
+    row = read_rows(tiny_run[1] / "eval.jsonl")[0]
+    *_, (text, figure, timing) = answerer.answer(str(tiny_run[1] / row.audio), None)
+    assert "offline" in timing and figure.endswith(".png")
+    want = speech_responses(run, [row], max_new_tokens=MAX_NEW, batch_size=1, progress=False)
+    assert text == want[0]
+    assert next(answerer.answer(None, None))[0].startswith("No audio")
+    assert next(answerer.answer_wave(np.zeros(100, np.float32), None))[0].startswith("The audio is")
+    long = np.zeros(16000 * 31, np.float32)
+    assert "longer than" in next(answerer.answer_wave(long, None))[0]

@@ -59,7 +59,7 @@ def select_token(logits, key, temperature, top_p, sample: bool):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _head(llm: LLM, hidden):
+def output_head(llm: LLM, hidden):
     """The LLM's output head on `[B, L, H]` (tied or not), as the module computes it."""
     if llm.config.tie_word_embeddings:
         return llm.embed_tokens.attend(hidden)
@@ -136,7 +136,7 @@ def _generate(
         mutable=["cache"],
     )
     # Only the last prompt position predicts anything: never build [B, P, V] logits.
-    logits = module.apply({"params": params}, hidden[:, -1:], method=_head)[:, 0]
+    logits = module.apply({"params": params}, hidden[:, -1:], method=output_head)[:, 0]
 
     stops = jnp.asarray(stop_ids, jnp.int32)
     is_stop = lambda t: (t[:, None] == stops[None, :]).any(-1)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blspkd_jax.data.features import StreamingLogMel
-from blspkd_jax.inference.generate import bucket_length, stop_token_ids
+from blspkd_jax.inference.generate import bucket_length, output_head, stop_token_ids
 from blspkd_jax.inference.respond import batch_rules
 from blspkd_jax.models import sharding
 from blspkd_jax.models.adapter import CFormerStream
@@ -151,23 +151,34 @@ class Streamer:
         embeds = jnp.concatenate([y.astype(text.dtype), text], axis=1)
         mask = jnp.concatenate([real, jnp.ones(middle.shape, bool)], axis=1)
         lora = jnp.concatenate([real, jnp.zeros(middle.shape, bool)], axis=1)
-        logits, v = self._llm.apply(
+        hidden, v = self._llm.apply(
             {"params": llm_p, "cache": llm_cache},
             inputs_embeds=embeds,
             attention_mask=mask,  # filler slots are never attended and take no position
             lora_mask=lora if self.config.llm.lora_rank else None,
+            return_hidden=True,
             decode=True,
             mutable=["cache"],
         )
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), v["cache"]
+        return self._next(llm_p, hidden), v["cache"]
+
+    def _next(self, llm_params, hidden):
+        """The greedy token after the last position of `hidden [1, L, H]` (the vocabulary
+        projection of that one position only)."""
+        logits = self._llm.apply({"params": llm_params}, hidden[:, -1:], method=output_head)
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
     def _text(self, params, llm_cache, ids):
-        """Text tokens `[1, L]` appended to the cache -> (the last position's logits [1, V])."""
-        logits, v = self._llm.apply(
-            {"params": params[2], "cache": llm_cache}, ids, decode=True, mutable=["cache"]
+        """Text tokens `[1, L]` appended to the cache -> (the greedy next token [1], cache)."""
+        hidden, v = self._llm.apply(
+            {"params": params[2], "cache": llm_cache},
+            ids,
+            return_hidden=True,
+            decode=True,
+            mutable=["cache"],
         )
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), v["cache"]
+        return self._next(params[2], hidden), v["cache"]
 
 
 class StreamSession:
