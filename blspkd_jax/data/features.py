@@ -62,21 +62,30 @@ def log_mel(
     `causal=True` clamps each frame to (max over the frames up to it - 8) instead: what a stream
     can compute before the utterance ends (`StreamingLogMel` gives the same frames bit for bit).
     """
-    x = np.asarray(audio, dtype=np.float32)
-    if x.ndim != 1:
-        raise ValueError(f"audio must be 1-D mono samples, got shape {x.shape}")
+    x = _mono(audio)
     if pad_to_samples is not None:
         x = x[:pad_to_samples]
         x = np.pad(x, (0, pad_to_samples - x.size))
-    if x.size <= N_FFT // 2:
-        raise ValueError(
-            f"audio has {x.size} samples; log_mel needs more than {N_FFT // 2} "
-            f"({N_FFT // 2 / SAMPLE_RATE * 1e3:.1f} ms at {SAMPLE_RATE} Hz)"
-        )
+    _check_length(x.size)
     padded = np.pad(x, N_FFT // 2, mode="reflect")
     log = _log_mel_rows(padded, 0, num_frames(x.size), n_mels)
     floor = np.maximum.accumulate(log.max(-1))[:, None] if causal else log.max()
     return _normalise(log, floor)
+
+
+def _mono(audio) -> np.ndarray:
+    x = np.asarray(audio, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"audio must be 1-D mono samples, got shape {x.shape}")
+    return x
+
+
+def _check_length(num_samples: int) -> None:
+    if num_samples <= N_FFT // 2:
+        raise ValueError(
+            f"audio has {num_samples} samples; log_mel needs more than {N_FFT // 2} "
+            f"({N_FFT // 2 / SAMPLE_RATE * 1e3:.1f} ms at {SAMPLE_RATE} Hz)"
+        )
 
 
 def _log_mel_rows(padded: np.ndarray, start: int, stop: int, n_mels: int) -> np.ndarray:
@@ -103,49 +112,50 @@ class StreamingLogMel:
     `push(samples)` returns the frames `[n_mels, k]` that became final (a frame is final once its
     400-sample window lies inside the audio received: 12.5 ms after its hop ends); `finish()`
     returns the last frames, whose windows reach into the reflect padding of the utterance's end.
-    Together they equal `log_mel(all samples, causal=True)` bit for bit.
+    Together they equal `log_mel(all samples, causal=True)` bit for bit. Only the samples that
+    frames still to come read are kept (from the next frame's window on), so each push costs
+    what its own samples cost.
     """
 
     def __init__(self, n_mels: int = 80):
         self.n_mels = n_mels
-        self._audio = np.zeros(0, np.float32)
         self.frames_out = 0  # frames returned so far
+        self._samples = 0  # samples received so far
+        self._kept = np.zeros(0, np.float32)  # the samples from `_base` on
+        self._base = 0
         self._max = -np.inf  # running per-frame maximum of log10 mel power
 
-    @property
-    def num_samples(self) -> int:
-        return self._audio.size
-
     def push(self, samples) -> np.ndarray:
-        x = np.asarray(samples, dtype=np.float32)
-        if x.ndim != 1:
-            raise ValueError(f"audio must be 1-D mono samples, got shape {x.shape}")
-        self._audio = np.concatenate([self._audio, x])
-        n = self._audio.size
+        x = _mono(samples)
+        self._kept = np.concatenate([self._kept, x])
+        self._samples += x.size
+        n = self._samples
         if n <= N_FFT // 2:  # the left reflection needs N_FFT // 2 + 1 samples
             return np.zeros((self.n_mels, 0), np.float32)
         # Frame t is final when its window [160 t - 200, 160 t + 200) lies inside the audio.
-        stop = min((n - N_FFT // 2) // HOP + 1, num_frames(n))
-        return self._rows(np.pad(self._audio, (N_FFT // 2, 0), mode="reflect"), stop)
+        return self._rows(min((n - N_FFT // 2) // HOP + 1, num_frames(n)), end=False)
 
     def finish(self) -> np.ndarray:
         """The remaining frames (the utterance has ended); an error for audio too short."""
-        n = self._audio.size
-        if n <= N_FFT // 2:
-            raise ValueError(
-                f"audio has {n} samples; log_mel needs more than {N_FFT // 2} "
-                f"({N_FFT // 2 / SAMPLE_RATE * 1e3:.1f} ms at {SAMPLE_RATE} Hz)"
-            )
-        return self._rows(np.pad(self._audio, N_FFT // 2, mode="reflect"), num_frames(n))
+        _check_length(self._samples)
+        return self._rows(num_frames(self._samples), end=True)
 
-    def _rows(self, padded: np.ndarray, stop: int) -> np.ndarray:
+    def _rows(self, stop: int, end: bool) -> np.ndarray:
         start = self.frames_out
         if stop <= start:
             return np.zeros((self.n_mels, 0), np.float32)
-        log = _log_mel_rows(padded, start, stop, self.n_mels)
+        # Reflect padding: at the start while frames 0 and 1 are to come (they read it; then
+        # `_base` is still 0), at the end once the utterance has ended.
+        left = N_FFT // 2 if self._base == 0 else 0
+        padded = np.pad(self._kept, (left, N_FFT // 2 if end else 0), mode="reflect")
+        first = start * HOP - N_FFT // 2 - self._base + left  # frame `start`'s window in `padded`
+        log = _log_mel_rows(padded[first:], 0, stop - start, self.n_mels)
         floor = np.maximum.accumulate(np.maximum(log.max(-1), self._max))
         self._max = float(floor[-1])
         self.frames_out = stop
+        base = max(0, stop * HOP - N_FFT // 2)  # where the next frame's window starts
+        self._kept = self._kept[base - self._base :]
+        self._base = base
         return _normalise(log, floor[:, None])
 
 

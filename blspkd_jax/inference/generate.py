@@ -186,10 +186,9 @@ def _program(module: LLM, mesh: Mesh, shapes: tuple, lora: bool, gather: bool, *
     key = (module, mesh, shapes, lora, gather, tuple(sorted(static.items())))
     if key not in _COMPILED:
         B, P = shapes[0][:2]
-        divides = B % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) == 0
         # A batch that does not divide runs replicated; its activations must not be pinned to
         # the batch axes either.
-        rules = sharding.RULES if divides else _replicated_batch_rules()
+        rules = batch_rules(mesh, B)
         batch = lambda shape: NamedSharding(  # noqa: E731
             mesh,
             sharding.divisible_spec(
@@ -259,7 +258,11 @@ def _gather_fits(params, shardings) -> bool:
     return gathered_bytes(params, shardings) <= free // 2
 
 
-def _replicated_batch_rules():
+def batch_rules(mesh: Mesh, batch: int):
+    """The rules table, with activations' batch axis replicated when the batch does not split
+    over the mesh's data x fsdp devices."""
+    if batch % multihost.batch_divisor(mesh) == 0:
+        return sharding.RULES
     return tuple((k, None if k == "act_batch" else v) for k, v in sharding.RULES)
 
 

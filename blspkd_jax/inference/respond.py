@@ -21,6 +21,7 @@ from blspkd_jax.data.layout import text_ids
 from blspkd_jax.data.manifest import BadRow, DataError
 from blspkd_jax.inference import multihost
 from blspkd_jax.inference.generate import (
+    batch_rules,
     bucket_length,
     decode_response,
     generate,
@@ -117,22 +118,19 @@ def _run_speech(run, features, feature_mask, rule="offline"):
         return _speech_vectors(run.params, place(features), place(feature_mask), model=model)
 
 
-def batch_rules(mesh, batch: int):
-    """The rules table, with activations' batch axis replicated when the batch does not split."""
-    if batch % multihost.batch_divisor(mesh) == 0:
-        return sharding.RULES
-    return tuple((k, None if k == "act_batch" else v) for k, v in sharding.RULES)
-
-
-def speech_vectors(run, features, feature_mask, rule="offline") -> tuple[jax.Array, np.ndarray]:
+def speech_vectors(run, features, feature_mask, rule="offline", *, return_alphas=False):
     """Encoder + CFormer in inference mode (no target lengths: CIF emits
-    `N_b = max(1, round(sum(alpha_b)))` vectors, at most `model.adapter.max_tokens`).
+    `N_b = max(1, round(sum(alpha_b)))` vectors, at most `model.adapter.max_tokens`; under the
+    "stream" rule by threshold).
 
     log-mel `[B, n_mels, F]`, mask `[B, F]` (host arrays of the whole batch, or global arrays
     split by batch) -> (vectors `[B, max_tokens, H]`, a global array split by batch; N `[B]` int
-    on the host).
+    on the host) and, with `return_alphas`, the firing weights `[B, ceil(F/2)]` on the host (as
+    `speech_alphas`, from the same run of the program).
     """
-    tokens, counts, _ = _run_speech(run, features, feature_mask, rule)
+    tokens, counts, alphas = _run_speech(run, features, feature_mask, rule)
+    if return_alphas:
+        return tokens, multihost.to_host(counts), multihost.to_host(alphas)
     return tokens, multihost.to_host(counts)
 
 

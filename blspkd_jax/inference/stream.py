@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blspkd_jax.data.features import StreamingLogMel
-from blspkd_jax.inference.generate import bucket_length, output_head, stop_token_ids
-from blspkd_jax.inference.respond import batch_rules
+from blspkd_jax.inference.generate import batch_rules, bucket_length, output_head, stop_token_ids
 from blspkd_jax.models import sharding
 from blspkd_jax.models.adapter import CFormerStream
 from blspkd_jax.models.cif import StreamingCIF
@@ -195,7 +194,10 @@ class StreamSession:
             stop_token_ids(c.llm.eos_token_id, run.tokenizer, run.layout, instruction)
         )
         self.features = StreamingLogMel(c.encoder.num_mel_bins)
-        self.mel = np.zeros((c.encoder.num_mel_bins, 0), np.float32)
+        # Every mel frame the window can hold, filled as they come (no copy of the whole so far
+        # at each push); `mel` is the part received.
+        self._mel = np.zeros((c.encoder.num_mel_bins, 2 * streamer.window + 1), np.float32)
+        self._frames = 0
         self.start = 0  # first encoder frame of the next chunk
         self.cif = StreamingCIF(c.adapter.d_model - 1)
         self.tokens = 0
@@ -303,6 +305,11 @@ class StreamSession:
             yield self.s.run.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @property
+    def mel(self) -> np.ndarray:
+        """The log-mel received so far `[n_mels, F]` (a view)."""
+        return self._mel[:, : self._frames]
+
+    @property
     def alphas(self) -> np.ndarray:
         """CIF's firing weights of the encoder frames so far `[E]` (20 ms each)."""
         return np.concatenate(self._alphas) if self._alphas else np.zeros(0, np.float32)
@@ -310,12 +317,14 @@ class StreamSession:
     # ------------------------------------------------------------------------------------------
 
     def _add_mel(self, frames: np.ndarray) -> None:
-        self.mel = np.concatenate([self.mel, frames], axis=1)
-        if (self.mel.shape[1] + 1) // 2 > self.s.window:
+        n = self._frames + frames.shape[1]
+        if (n + 1) // 2 > self.s.window:
             raise StreamError(
                 f"audio longer than the encoder's window of {self.s.window * 2 / 100:g} s "
                 f"(model.encoder.max_source_positions={self.s.window})"
             )
+        self._mel[:, self._frames : n] = frames
+        self._frames = n
 
     def _chunk(self) -> np.ndarray:
         """Run the chunk at `self.start` on the mel frames received (any later frame of its

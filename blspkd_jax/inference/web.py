@@ -121,7 +121,7 @@ class Answerer:
         t0 = time.perf_counter()
         mel = log_mel(wave, run.model.config.encoder.num_mel_bins)
         feats, mask = pad_features([mel], respond.frame_bucket(run, mel.shape[1]))
-        vectors, counts = respond.speech_vectors(run, feats, mask)
+        vectors, counts, alphas = respond.speech_vectors(run, feats, mask, return_alphas=True)
         stops = respond.stop_ids_for(run, [instruction])
         prompts = respond.build_prompts(run.layout, [int(counts[0])], [instruction])
         new = respond.generate_from_prompts(
@@ -130,7 +130,7 @@ class Answerer:
         text = decode_response(run.tokenizer, new[0], stops)
         total = time.perf_counter() - t0
         yield text, None, ""
-        alphas = respond.speech_alphas(run, feats, mask)[0][: (mel.shape[1] + 1) // 2]
+        alphas = alphas[0][: (mel.shape[1] + 1) // 2]
         figure = self._figure(mel, alphas, plots.fire_points(alphas), seconds, rescale=True)
         timing = (
             f"**offline** (this run is not chunk-causal) · {seconds:.2f} s of speech · "
@@ -142,9 +142,8 @@ class Answerer:
     def _figure(self, mel, alphas, fires, seconds, rescale):
         self._count += 1
         labels = [str(k + 1) for k in range(len(fires))]
-        title = f"CIF fired {len(fires)} tokens over {seconds:.2f} s (sum of alpha " + (
-            f"{float(np.sum(alphas)):.2f})"
-        )
+        total = float(np.sum(alphas))
+        title = f"CIF fired {len(fires)} tokens over {seconds:.2f} s (sum of alpha {total:.2f})"
         fig = plots.cif_figure(mel, alphas, fires, labels, "log-mel", title, rescale=rescale)
         return plots.save_png(fig, self.out / f"cif-{self._count}.png")
 
