@@ -12,6 +12,7 @@ but each is an estimate, not a trace.
     .venv/bin/python benchmarks/step_parts.py                    # presets tiny, 100m, smollm2
     .venv/bin/python benchmarks/step_parts.py --preset 100m --quick
     .venv/bin/python benchmarks/step_parts.py --matmuls   # one linear layer's three products
+    .venv/bin/python benchmarks/step_parts.py --dropout --preset tiny   # PLoRA dropout's cost
 
 Times are medians of `--repeats` calls after one warm-up, all programs of both frameworks
 interleaved. The last line printed is one JSON object: {"PRESET": {"jax": {PART: ms}, "eager":
@@ -56,6 +57,7 @@ from train_step import (  # noqa: E402
     synthetic_batch,
 )
 
+from blspkd_jax.models import llm  # noqa: E402
 from blspkd_jax.models.blspkd import BLSPKD  # noqa: E402
 from blspkd_jax.training import optim, train_state  # noqa: E402
 from blspkd_jax.training.objective import compute_losses  # noqa: E402
@@ -206,6 +208,62 @@ def time_matmuls(rows: int, d_in: int, d_out: int, repeats: int = 10) -> dict:
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
+def _bernoulli_dropout(x, rate, rng):
+    """`flax.linen.Dropout`'s mask: one `jax.random.bernoulli` draw (32 random bits) an element."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+# PLoRA's dropout, three ways: the project's (16 random bits an element), flax's, and none.
+DROPOUTS = {
+    "16-bit (ours)": llm.dropout,
+    "bernoulli (flax)": _bernoulli_dropout,
+    "none": lambda x, rate, rng: x,
+}
+
+
+def time_dropout(name: str, quick: bool, repeats: int, log=print) -> dict:
+    """{variant: seconds}: the whole JAX step of preset `name` with each of `DROPOUTS` in PLoRA
+    (swapped in for `llm.dropout` while that variant's step is traced); steps interleaved."""
+    p = preset(name, quick)
+    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
+    flat = random_params(p.model, seed=0)
+    steps, own = {}, llm.dropout
+    try:
+        for variant, fn in DROPOUTS.items():
+            llm.dropout = fn
+            log(f"[{name}] compiling the step with {variant} dropout")
+            compiled, state, gbatch, _, _ = jax_step(p, flat, batch)
+            steps[variant] = [compiled, state, gbatch]
+    finally:
+        llm.dropout = own
+    times = {v: [] for v in steps}
+    rng = jax.random.PRNGKey(0)
+    for i in range(repeats + 1):  # the first round warms up
+        for variant, s in steps.items():
+            t0 = time.perf_counter()
+            s[1], m = s[0](s[1], s[2], rng)
+            jax.block_until_ready((s[1], m))
+            if i:
+                times[variant].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def report_dropout(name: str, times: dict) -> str:
+    none = times["none"]
+    lines = [
+        f"### {name}: PLoRA dropout in the whole JAX step",
+        "",
+        "| dropout | step ms | dropout's cost ms | share of the step |",
+        "|---|---:|---:|---:|",
+    ]
+    for variant, t in times.items():
+        lines.append(
+            f"| {variant} | {t * 1e3:.0f} | {(t - none) * 1e3:.0f} | {(t - none) / t:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report_matmuls(rows: int, d_in: int, d_out: int, times: dict) -> str:
     flops = 2 * rows * d_in * d_out
     lines = [
@@ -250,6 +308,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="only time one linear layer's forward and backward products (smollm2's MLP shape)",
     )
+    ap.add_argument(
+        "--dropout",
+        action="store_true",
+        help="only time the whole JAX step with PLoRA dropout three ways (ours, flax's, none)",
+    )
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -261,6 +324,21 @@ def main(argv=None) -> int:
     names = args.preset or ["tiny", "100m", "smollm2"]
     repeats = args.repeats or (2 if args.quick else 5)
     load = os.getloadavg()[0]
+    if args.dropout:
+        dropout = {name: time_dropout(name, args.quick, repeats) for name in names}
+        print(
+            f"\nMachine: {cpu_model()}, {cores} cores; jax {jax.__version__}. Median of {repeats} "
+            f"steps, variants interleaved. Load average {load:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after.\n"
+        )
+        for name, times in dropout.items():
+            print(report_dropout(name, times))
+        print(
+            json.dumps(
+                {n: {v: round(t * 1e3, 1) for v, t in d.items()} for n, d in dropout.items()}
+            )
+        )
+        return 0
     results = {name: time_parts(name, args.quick, repeats) for name in names}
     print(
         f"\nMachine: {cpu_model()}, {cores} cores used; jax {jax.__version__}, torch "

@@ -13,6 +13,7 @@ import torch
 import transformers
 from flax import linen as nn
 from flax import traverse_util
+from tiny import run_on_cpu_devices
 
 from blspkd_jax.models import hf, layers, llm, llm_hf
 from blspkd_jax.models.layers import unstack_layers
@@ -554,6 +555,46 @@ def test_lora_projection_formula():
     # Off where the mask is 0, bit for bit: the same as no mask at all.
     no_lora = np.asarray(jax.jit(lin.apply)({"params": p}, x))
     np.testing.assert_array_equal(y[m == 0], no_lora[m == 0])
+
+
+def test_dropout_keeps_one_minus_rate_and_the_mean():
+    # 16 random bits per element: the kept fraction is 1 - rate, kept values are scaled by
+    # 1 / (1 - rate), so the mean is preserved; each key draws its own mask, odd widths too.
+    x = jnp.ones((64, 33, 257), jnp.float32)
+    for rate in (0.05, 0.5):
+        y = np.asarray(jax.jit(llm.dropout, static_argnums=1)(x, rate, jax.random.key(3)))
+        kept = y != 0
+        n = kept.size
+        assert abs(kept.mean() - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / n)
+        np.testing.assert_allclose(y[kept], 1 / (1 - round(rate * 65536) / 65536), rtol=1e-6)
+        assert abs(y.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
+        # Neighbouring elements (the two halves of one 32-bit draw) are independent.
+        both = (kept[..., 0:-1:2] & kept[..., 1::2]).mean()
+        assert abs(both - (1 - rate) ** 2) < 4 * np.sqrt((1 - rate) ** 2 / (n // 2))
+    other = np.asarray(llm.dropout(x, 0.5, jax.random.key(4)))
+    assert ((other != 0) != (y != 0)).mean() > 0.4
+    np.testing.assert_array_equal(llm.dropout(x, 0.0, jax.random.key(3)), x)
+
+
+SHARDED_DROPOUT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from blspkd_jax.models import llm
+x, key = jnp.ones((8, 12, 40)), jax.random.key(7)
+drop = lambda x, k: llm.dropout(x, 0.3, k)
+one = np.asarray(jax.jit(drop)(x, key))
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("a", "b", "c"))
+for spec in (P("a"), P(("a", "b"), "c"), P(None, None, ("a", "b", "c")), P("c", "a", "b")):
+    s = NamedSharding(mesh, spec)
+    got = jax.jit(drop, out_shardings=s)(jax.device_put(x, s), key)
+    assert (np.asarray(got) == one).all(), spec
+"""
+
+
+@pytest.mark.slow
+def test_dropout_mask_is_the_same_under_any_sharding():
+    # The sharded train step must equal one device's with dropout on, too.
+    run_on_cpu_devices(SHARDED_DROPOUT)
 
 
 def test_lora_dropout_only_when_not_deterministic():
