@@ -214,9 +214,9 @@ def _bernoulli_dropout(x, rate, rng):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
-# PLoRA's dropout, three ways: the project's (16 random bits an element), flax's, and none.
+# PLoRA's dropout, three ways: the project's (a counter hash), flax's (threefry bits), and none.
 DROPOUTS = {
-    "16-bit (ours)": llm.dropout,
+    "counter hash (ours)": llm.dropout,
     "bernoulli (flax)": _bernoulli_dropout,
     "none": lambda x, rate, rng: x,
 }

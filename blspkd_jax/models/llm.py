@@ -29,22 +29,34 @@ LORA_A_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 # Building blocks.
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons' integer hash search): a bijection of uint32 with full avalanche."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """`x` [..., D] with each element zeroed with probability `rate` (rounded to 1/65536) and the
     others divided by the keep probability, so that the expectation is `x`.
 
-    Own code rather than `nn.Dropout` for speed: dropout's cost is drawing the random bits (on CPU
-    jax lowers threefry as a 5-pass loop; PLoRA draws one mask per projection and layer), and 16
-    bits an element, two elements to each 32-bit draw, halve the draws (BENCHMARKS.md, run E). The
-    draws are jax's partitionable threefry: the mask is the same under any sharding."""
-    *lead, d = x.shape
+    Own code rather than `nn.Dropout` for speed: on CPU jax lowers threefry as a rolled loop of
+    small sequential ops, once per mask, and PLoRA draws one mask per projection and layer (most
+    of the step's dropout cost, BENCHMARKS.md run E). Here each element's 16 bits are a counter
+    hash, `mix(mix(i ^ k0) + k1)` of its flat index `i` under the key's two words: elementwise,
+    so it fuses into one loop, and the mask depends only on the global index: the same under any
+    sharding."""
     cut = round(rate * 65536)  # drop where the 16 bits are below `cut`
     if cut == 0:
         return x
-    n = (d + 1) // 2
-    bits = jax.random.bits(rng, (*lead, n), jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(*lead, 2 * n)[..., :d]
-    keep = halves >= jnp.uint16(cut)
+    if x.size >= 2**32:
+        raise ValueError(f"dropout: {x.size} elements; the flat index is 32 bits")
+    k = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):  # the row-major flat index
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+        stride *= x.shape[axis]
+    keep = (_mix32(_mix32(index ^ k[0]) + k[-1]) >> 16) >= jnp.uint32(cut)
     return jnp.where(keep, x / jnp.asarray(1.0 - cut / 65536, x.dtype), jnp.zeros((), x.dtype))
 
 
