@@ -53,8 +53,7 @@ from train_step import (  # noqa: E402
     PRESET_NAMES,
     jax_step,
     preset,
-    random_params,
-    synthetic_batch,
+    preset_inputs,
 )
 
 from blspkd_jax.models import llm  # noqa: E402
@@ -152,8 +151,7 @@ def torch_programs(p, flat, batch, workdir) -> dict:
 def time_parts(name: str, quick: bool, repeats: int, log=print) -> dict:
     """{"jax": {part: seconds}, "eager": {part: seconds}} for one preset."""
     p = preset(name, quick)
-    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
-    flat = random_params(p.model, seed=0)
+    batch, flat = preset_inputs(p)
     with tempfile.TemporaryDirectory() as tmp:
         log(f"[{name}] compiling the JAX programs")
         programs = {
@@ -226,8 +224,7 @@ def time_dropout(name: str, quick: bool, repeats: int, log=print) -> dict:
     """{variant: seconds}: the whole JAX step of preset `name` with each of `DROPOUTS` in PLoRA
     (swapped in for `llm.dropout` while that variant's step is traced); steps interleaved."""
     p = preset(name, quick)
-    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
-    flat = random_params(p.model, seed=0)
+    batch, flat = preset_inputs(p)
     steps, own = {}, llm.dropout
     try:
         for variant, fn in DROPOUTS.items():
@@ -325,32 +322,23 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     load = os.getloadavg()[0]
     if args.dropout:
-        dropout = {name: time_dropout(name, args.quick, repeats) for name in names}
-        print(
-            f"\nMachine: {cpu_model()}, {cores} cores; jax {jax.__version__}. Median of {repeats} "
-            f"steps, variants interleaved. Load average {load:.2f} before, "
-            f"{os.getloadavg()[0]:.2f} after.\n"
-        )
-        for name, times in dropout.items():
-            print(report_dropout(name, times))
-        print(
-            json.dumps(
-                {n: {v: round(t * 1e3, 1) for v, t in d.items()} for n, d in dropout.items()}
-            )
-        )
-        return 0
-    results = {name: time_parts(name, args.quick, repeats) for name in names}
+        results = {name: time_dropout(name, args.quick, repeats) for name in names}
+        render, what = report_dropout, "steps, variants interleaved"
+        summary = {n: {v: round(t * 1e3, 1) for v, t in d.items()} for n, d in results.items()}
+    else:
+        results = {name: time_parts(name, args.quick, repeats) for name in names}
+        render, what = report, "calls, all programs interleaved"
+        summary = {
+            name: {fw: {k: round(v * 1e3, 1) for k, v in d.items()} for fw, d in parts.items()}
+            for name, parts in results.items()
+        }
     print(
         f"\nMachine: {cpu_model()}, {cores} cores used; jax {jax.__version__}, torch "
-        f"{torch.__version__}. Median of {repeats} calls, all programs interleaved. Load average "
+        f"{torch.__version__}. Median of {repeats} {what}. Load average "
         f"{load:.2f} before, {os.getloadavg()[0]:.2f} after.\n"
     )
-    for name, parts in results.items():
-        print(report(name, parts))
-    summary = {
-        name: {fw: {k: round(v * 1e3, 1) for k, v in d.items()} for fw, d in parts.items()}
-        for name, parts in results.items()
-    }
+    for name, result in results.items():
+        print(render(name, result))
     print(json.dumps(summary))
     return 0
 

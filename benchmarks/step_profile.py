@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 from forward import cpu_model  # noqa: E402
-from train_step import PRESET_NAMES, jax_step, preset, random_params, synthetic_batch  # noqa: E402
+from train_step import PRESET_NAMES, jax_step, preset, preset_inputs  # noqa: E402
 
 # (part, pattern on the op_name), first match wins; the pass is read separately.
 PARTS = (
@@ -104,14 +104,14 @@ def self_times(events: list[dict]) -> dict[str, dict[str, float]]:
     by_thread = collections.defaultdict(list)
     for e in events:
         by_thread[e["tid"]].append(e)
+
+    def close(end, run, op, dur, nested):
+        if op is not None:
+            out[run][op] += dur - nested
+
     for evs in by_thread.values():
         evs.sort(key=lambda e: (e["ts"], -e["dur"]))
         stack: list[list] = []  # open events: [end, run_id, op, duration, nested time]
-
-        def close(end, run, op, dur, nested):
-            if op is not None:
-                out[run][op] += dur - nested
-
         for e in evs:
             while stack and stack[-1][0] <= e["ts"]:
                 close(*stack.pop())
@@ -128,9 +128,9 @@ def self_times(events: list[dict]) -> dict[str, dict[str, float]]:
 def profile(name: str, quick: bool, repeats: int, log=print) -> dict:
     """{"step_ms", "ops": {hlo op: ms}, "hlo": hlo_ops(...)} for preset `name`."""
     p = preset(name, quick)
-    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
+    batch, flat = preset_inputs(p)
     log(f"[{name}] compiling the step")
-    compiled, state, gbatch, _, _ = jax_step(p, random_params(p.model, seed=0), batch)
+    compiled, state, gbatch, _, _ = jax_step(p, flat, batch)
     rng = jax.random.PRNGKey(0)
     state, m = compiled(state, gbatch, rng)  # warm-up
     jax.block_until_ready((state, m))

@@ -304,6 +304,12 @@ def synthetic_batch(shape: BatchShape, vocab: int, n_mels: int, seed: int = 0) -
     )
 
 
+def preset_inputs(p: Preset) -> tuple[dict, dict[str, np.ndarray]]:
+    """(synthetic batch, random fp32 parameters) of preset `p`: what every benchmark times."""
+    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
+    return batch, random_params(p.model, seed=0)
+
+
 def random_params(
     model_cfg: BLSPKDConfig, seed: int = 0, lora_b_scale: float = 0.0
 ) -> dict[str, np.ndarray]:
@@ -440,9 +446,8 @@ def run_preset(
 ):
     """Time every framework on preset `p`; returns a dict of results for `report`. `ablate` adds
     the JAX step without the shared prompt prefix (`NO_PREFIX`)."""
-    batch = synthetic_batch(p.batch, p.model.llm.vocab_size, p.model.encoder.num_mel_bins)
+    batch, flat = preset_inputs(p)
     shapes = {k: v.shape for k, v in optim.flatten(param_shapes(p.model)).items()}
-    flat = random_params(p.model, seed=0)
     trainable, _ = optim.split_trainable(flat, p.trainable)
     n_params = sum(math.prod(s) for s in shapes.values())
     n_train = sum(v.size for v in trainable.values())
