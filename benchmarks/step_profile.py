@@ -125,32 +125,53 @@ def self_times(events: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def op_counts(events: list[dict]) -> dict[str, collections.Counter]:
+    """{run_id: {hlo op: how many times it ran}} (a loop body's ops run once per iteration)."""
+    out = collections.defaultdict(collections.Counter)
+    for e in events:
+        args = e.get("args", {})
+        if args.get("hlo_module") and args.get("hlo_op") and args.get("run_id") is not None:
+            out[args["run_id"]][args["hlo_op"]] += 1
+    return out
+
+
+def trace_step(run, repeats: int) -> tuple[dict, dict, list[float]]:
+    """Call `run()` (one compiled step, blocking until it is done) `repeats` times under
+    `jax.profiler.trace`: ({hlo op: runs in one call}, {hlo op: self ms, the least over the
+    calls}, [wall s of each call])."""
+    walls = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                walls.append(time.perf_counter() - t0)
+        (trace,) = Path(tmp).rglob("*.trace.json.gz")
+        with gzip.open(trace) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    runs = {r: ops for r, ops in self_times(events).items() if r is not None}
+    if len(runs) != repeats:
+        raise RuntimeError(f"expected {repeats} traced runs of the step, found {len(runs)}")
+    names = set().union(*runs.values())
+    ops = {op: min(r.get(op, 0.0) for r in runs.values()) / 1e3 for op in names}
+    counts = next(iter(op_counts(events).values()))
+    return dict(counts), ops, walls
+
+
 def profile(name: str, quick: bool, repeats: int, log=print) -> dict:
     """{"step_ms", "ops": {hlo op: ms}, "hlo": hlo_ops(...)} for preset `name`."""
     p = preset(name, quick)
     batch, flat = preset_inputs(p)
     log(f"[{name}] compiling the step")
     compiled, state, gbatch, _, _ = jax_step(p, flat, batch)
-    rng = jax.random.PRNGKey(0)
-    state, m = compiled(state, gbatch, rng)  # warm-up
-    jax.block_until_ready((state, m))
-    walls = []
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                state, m = compiled(state, gbatch, rng)
-                jax.block_until_ready((state, m))
-                walls.append(time.perf_counter() - t0)
-        (trace,) = Path(tmp).rglob("*.trace.json.gz")
-        with gzip.open(trace) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    runs = self_times(events)
-    runs = {r: ops for r, ops in runs.items() if r is not None}
-    if len(runs) != repeats:
-        raise RuntimeError(f"expected {repeats} traced runs of the step, found {len(runs)}")
-    names = set().union(*runs.values())
-    ops = {op: min(r.get(op, 0.0) for r in runs.values()) / 1e3 for op in names}
+    box, rng = {"state": state}, jax.random.PRNGKey(0)
+
+    def run():  # the state is donated to each step
+        box["state"], m = compiled(box["state"], gbatch, rng)
+        jax.block_until_ready((box["state"], m))
+
+    run()  # warm-up
+    _, ops, walls = trace_step(run, repeats)
     return {
         "step_ms": statistics.median(walls) * 1e3,
         "ops": ops,

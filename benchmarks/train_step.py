@@ -442,10 +442,17 @@ NO_PREFIX = "JAX (jit), prefix recomputed"
 
 
 def run_preset(
-    p: Preset, repeats: int, warmup: int, compile_torch: bool = True, ablate=False, log=print
+    p: Preset,
+    repeats: int,
+    warmup: int,
+    compile_torch: bool = True,
+    ablate=False,
+    keep_jax=False,
+    log=print,
 ):
     """Time every framework on preset `p`; returns a dict of results for `report`. `ablate` adds
-    the JAX step without the shared prompt prefix (`NO_PREFIX`)."""
+    the JAX step without the shared prompt prefix (`NO_PREFIX`); `keep_jax` adds the compiled JAX
+    step and a call running it on its latest (donated) state as `res["jax"]`."""
     batch, flat = preset_inputs(p)
     shapes = {k: v.shape for k, v in optim.flatten(param_shapes(p.model)).items()}
     trainable, _ = optim.split_trainable(flat, p.trainable)
@@ -520,6 +527,8 @@ def run_preset(
     for label, ts in times.items():
         res["rows"][label] = {"time": statistics.median(ts), "first": firsts[label]}
     res["losses"] = first
+    if keep_jax:
+        res["jax"] = (compiled, jax_fn)
     return res
 
 
