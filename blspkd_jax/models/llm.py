@@ -93,7 +93,7 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Linear(nn.Module):
-    """`y = x W + b`, plus PLoRA `((dropout(x) A) * m * alpha / r) B` when `lora_rank > 0`.
+    """`y = x W + b`, plus PLoRA `m * (dropout(x) A B) * alpha / r` when `lora_rank > 0`.
 
     Kernel [in, out] with logical names `axes`; LoRA A [in, r] and B [r, out]. LoRA parameters exist
     whenever `lora_rank > 0`; the LoRA branch is computed only when a `lora_mask [B, L]` is given,
@@ -140,16 +140,11 @@ class Linear(nn.Module):
                 h = x
                 if not deterministic and self.lora_dropout:
                     h = dropout(x, self.lora_dropout, self.make_rng("dropout"))
-                # The mask and scale act on the rank-r side, `((h A) * m) B`: elementwise work
-                # [B, L, r] rather than [B, L, features], and B's gradient reads y's gradient
-                # as it comes (scaling and masking it at full width cost a strided copy of it per
-                # projection in the backward; BENCHMARKS.md run F). where() rather than a bare
-                # product: a zero mask gives zero rows, so `x W + b` exactly, even if `h A`
-                # held an inf.
+                delta = jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype))
                 m = lora_mask.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
-                low = jnp.dot(h, a.astype(self.dtype))
-                low = jnp.where(lora_mask[..., None] != 0, low * m, jnp.zeros((), self.dtype))
-                y = y + jnp.dot(low, b.astype(self.dtype))
+                # where() rather than a bare product: a zero mask must give x W + b exactly, even
+                # if the LoRA branch held an inf.
+                y = jnp.where(lora_mask[..., None] != 0, y + delta * m, y)
         return y
 
 
