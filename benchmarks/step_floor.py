@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from forward import cpu_model  # noqa: E402
 from step_profile import trace_step  # noqa: E402
-from train_step import PRESET_NAMES, preset, run_preset  # noqa: E402
+from train_step import PRESET_NAMES, preset, run_preset, step_ms  # noqa: E402
 
 # Goals of issue 16: JAX at least this much faster than each PyTorch step.
 GOALS = {"eager_ms": 1.5, "compile_ms": 1.1}
@@ -132,13 +132,13 @@ def executed_gemms(hlo_text: str, counts: dict[str, int]) -> collections.Counter
     the op that ran (`counts`: HLO op -> runs in one step) or in the fusions it calls."""
     comps = parse_hlo(hlo_text)
     owner = {i: c for c, instrs in comps.items() for i in instrs}
+    shapes = {c: {n: i["shape"] for n, i in instrs.items()} for c, instrs in comps.items()}
     out = collections.Counter()
 
     def visit(comp: str, name: str, times: int):
         instr = comps[comp][name]
         if instr["opcode"] in ("dot", "convolution"):
-            shapes = {n: i["shape"] for n, i in comps[comp].items()}
-            g = gemm_of(instr, shapes)
+            g = gemm_of(instr, shapes[comp])
             if g is None:
                 raise ValueError(f"step_floor: cannot read the GEMM of HLO op {name}")
             out[g] += times
@@ -214,15 +214,7 @@ def floor(name: str, quick: bool, repeats: int, gemm_repeats: int, compile_torch
         for f in ("xla", "torch", "torch, 1 core")
     }
     ms["best"] = 1e3 * sum(c * min(times[g].values()) for g, c in gemms.items())
-    step = {
-        key: res["rows"][label]["time"] * 1e3
-        for key, label in (
-            ("jax_ms", "JAX (jit)"),
-            ("eager_ms", "PyTorch eager"),
-            ("compile_ms", "PyTorch torch.compile"),
-        )
-        if "time" in res["rows"].get(label, {})
-    }
+    step = step_ms(res)
     flop = sum(c * 2 * math.prod(g) for g, c in gemms.items())
     return {"floor": ms, "steps": step, "gemm_flop": flop, "n_gemms": sum(gemms.values()),
             "distinct": len(gemms), "gemms": gemms, "times": times}  # fmt: skip

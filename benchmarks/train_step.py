@@ -532,6 +532,19 @@ def run_preset(
     return res
 
 
+def step_ms(res: dict) -> dict[str, float]:
+    """{"jax_ms", "eager_ms", "compile_ms", "jax_prefix_recomputed_ms"}: the median step times of
+    `run_preset`'s result, for the frameworks that ran."""
+    labels = {
+        "jax_ms": "JAX (jit)",
+        "eager_ms": "PyTorch eager",
+        "compile_ms": "PyTorch torch.compile",
+        "jax_prefix_recomputed_ms": NO_PREFIX,
+    }
+    rows = res["rows"]
+    return {k: rows[v]["time"] * 1e3 for k, v in labels.items() if "time" in rows.get(v, {})}
+
+
 def report(res: dict, peak: float, peak_label: str, nominal: float | None = None) -> str:
     """The markdown for one preset's results."""
     p = res["preset"]
@@ -610,16 +623,7 @@ def main(args) -> int:
         peak = peaks[p.peak_dtype]
         compile_torch = args.compile if args.compile is not None else not args.quick
         res = run_preset(p, repeats, warmup, compile_torch=compile_torch, ablate=args.ablate)
-        summary[name] = {
-            key: round(res["rows"][label]["time"] * 1e3, 1)
-            for key, label in (
-                ("jax_ms", "JAX (jit)"),
-                ("eager_ms", "PyTorch eager"),
-                ("compile_ms", "PyTorch torch.compile"),
-                ("jax_prefix_recomputed_ms", NO_PREFIX),
-            )
-            if "time" in res["rows"].get(label, {})
-        }
+        summary[name] = {key: round(ms, 1) for key, ms in step_ms(res).items()}
         label = f"measured {p.peak_dtype} matmul {peak / 1e9:.1f} GFLOP/s"
         nominal = H100_BF16_PEAK if name == "gpu" else None
         out.append(report(res, peak, label, nominal))

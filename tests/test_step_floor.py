@@ -1,25 +1,16 @@
 """benchmarks/step_floor.py: every matrix product a compiled program ran, read from its HLO as a
 GEMM and counted as often as it ran, checked on programs whose products are known by hand."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "step_floor.py"
+from tiny import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sf():
-    spec = importlib.util.spec_from_file_location("bench_step_floor", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_floor")
 
 
 def test_dot_and_convolution_read_as_gemms(sf):

@@ -1,22 +1,13 @@
 """benchmarks/step_profile.py's accounting: self times of nested trace events, and each HLO op's
 part, pass and kind read from the HLO text."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "step_profile.py"
+from tiny import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sp():
-    spec = importlib.util.spec_from_file_location("bench_step_profile", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_profile")
 
 
 def _ev(tid, ts, dur, op=None, run="1"):

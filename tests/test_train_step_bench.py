@@ -3,22 +3,18 @@ PyTorch step (benchmarks/torch_step.py) has loss terms equal to `compute_losses`
 to JAX's, and one full step (clipping, AdamW with the decay mask) leaves the same parameters as
 `make_train_step`."""
 
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import random_batch, tiny_config
+from tiny import load_benchmark, random_batch, tiny_config
 
 from blspkd_jax.models.blspkd import BLSPKD
 from blspkd_jax.training import optim, train_state
 from blspkd_jax.training.objective import LossConfig, compute_losses
 
-BENCH = Path(__file__).parent.parent / "benchmarks" / "train_step.py"
 # Stage 2 with the encoder: every part of the student trains (as configs/tiny.py:stage2).
 TRAINABLE = ("^adapter/", "^encoder/", "lora_")
 LOSS = LossConfig(response_ce=0.5)  # every term on, with a weight that is not 1
@@ -30,10 +26,7 @@ OPTIM = dict(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.
 def _load_bench():
     """benchmarks/train_step.py and benchmarks/torch_step.py (which it puts on sys.path), as one
     namespace of the functions the tests use."""
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
+    module = load_benchmark("train_step")
     import torch_step
 
     return types.SimpleNamespace(random_params=module.random_params, **vars(torch_step))

@@ -3,6 +3,7 @@ the tests (importable from subprocesses: tests/ is put on sys.path by them)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -259,3 +260,15 @@ def run_on_cpu_devices(script: str, *args: str, devices: int = 8, timeout: int =
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (registered in sys.modules as `bench_NAME`: dataclasses
+    resolve string annotations through it); the script puts benchmarks/ on sys.path itself."""
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", REPO / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
