@@ -4,6 +4,7 @@ left padding, export round trips, bf16, scan/remat, the KV cache, and PLoRA."""
 import copy
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -555,6 +556,31 @@ def test_lora_projection_formula():
     # Off where the mask is 0, bit for bit: the same as no mask at all.
     no_lora = np.asarray(jax.jit(lin.apply)({"params": p}, x))
     np.testing.assert_array_equal(y[m == 0], no_lora[m == 0])
+
+
+def test_row_dot_gradients_need_no_full_width_copy():
+    """A kernel's gradient through `row_dot` equals the plain product's, and XLA:CPU forms it
+    without laying the [B, L, out] output gradient out again (the copy the plain 3-axis product
+    gets: BENCHMARKS.md run G)."""
+    B, L, H, F = 4, 32, 24, 40
+    x = jax.random.normal(jax.random.key(0), (B, L, H))
+    w = jax.random.normal(jax.random.key(1), (H, F))
+    ct = jax.random.normal(jax.random.key(2), (B, L, F))
+
+    def loss(dot, w, x):
+        return jnp.sum(jnp.tanh(dot(x, w)) * ct)
+
+    plain, rows = (
+        jax.jit(jax.grad(functools.partial(loss, d), argnums=(0, 1)))
+        for d in (jnp.dot, layers.row_dot)
+    )
+    for a, b in zip(plain(w, x), rows(w, x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dense contraction only"):
+        layers.row_dot_general(x, w, (((1,), (0,)), ((), ())))
+    hlo = rows.lower(w, x).compile().as_text()
+    full = re.compile(rf"= f32\[(?:{B},{L},{F}|{F},{B},{L}|{F},{B * L})\]\S* (?:copy|transpose)\(")
+    assert not [line for line in hlo.splitlines() if full.search(line)]
 
 
 def test_dropout_keeps_one_minus_rate_and_the_mean():

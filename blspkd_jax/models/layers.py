@@ -30,6 +30,32 @@ def param(module: nn.Module, name: str, init, shape, names, dtype=jnp.float32):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
+def row_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    """`x [..., in] . kernel [in, out] -> [..., out]` as one product of x's rows `[n, in]`.
+
+    The result is the same; the backward differs. With the leading axes kept, autodiff gives the
+    kernel's gradient as one dot contracting two axes (batch and length), and XLA:CPU first lays
+    the whole output gradient `[..., out]` out again, transposed, for it: a full-width copy per
+    trained projection (BENCHMARKS.md run G). On rows it is a plain GEMM. Takes `lax.dot_general`'s
+    arguments so that `nn.Dense(dot_general=...)` can call it; only the dense contraction."""
+    ((lhs_c, rhs_c), batch) = dimension_numbers
+    if tuple(lhs_c) != (x.ndim - 1,) or tuple(rhs_c) != (0,) or batch != ((), ()):
+        raise ValueError(f"row_dot_general: a dense contraction only, got {dimension_numbers}")
+    y = jax.lax.dot_general(
+        x.reshape(-1, x.shape[-1]),
+        kernel,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def row_dot(x, kernel):
+    """`x [..., in] @ kernel [in, out] -> [..., out]` through `row_dot_general`."""
+    return row_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 def dense(features, names, dtype, param_dtype, name, use_bias=True):
     """nn.Dense (LeCun-normal kernel, zero bias) with logical axis names on the kernel [in, out]
     and the bias [out]; the encoder and the CFormer build every projection with it."""
@@ -38,6 +64,7 @@ def dense(features, names, dtype, param_dtype, name, use_bias=True):
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        dot_general=row_dot_general,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]),
         name=name,

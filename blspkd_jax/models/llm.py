@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from blspkd_jax.models.layers import RMSNorm, Stack, attention, param
+from blspkd_jax.models.layers import RMSNorm, Stack, attention, param, row_dot
 from blspkd_jax.models.llm_config import LLMConfig
 
 # PEFT's LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
@@ -122,7 +122,7 @@ class Linear(nn.Module):
             self.param_dtype,
         )
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        y = row_dot(x, kernel.astype(self.dtype))
         if self.use_bias:
             zeros = nn.initializers.zeros_init()
             b = param(self, "bias", zeros, (self.features,), self.axes[1:], self.param_dtype)
@@ -140,7 +140,7 @@ class Linear(nn.Module):
                 h = x
                 if not deterministic and self.lora_dropout:
                     h = dropout(x, self.lora_dropout, self.make_rng("dropout"))
-                delta = jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype))
+                delta = row_dot(row_dot(h, a.astype(self.dtype)), b.astype(self.dtype))
                 m = lora_mask.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
                 # where() rather than a bare product: a zero mask must give x W + b exactly, even
                 # if the LoRA branch held an inf.
