@@ -9,29 +9,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from blspkd_jax.data.audio import AudioError
-from blspkd_jax.data.layout import LayoutError
-from blspkd_jax.data.manifest import DataError
-from blspkd_jax.inference.stream import StreamError
-from blspkd_jax.inference.workdir import RunError
-from blspkd_jax.models.blspkd_hf import ExportError
-from blspkd_jax.models.hf import CheckpointError
+from blspkd_jax.errors import UserError
 from blspkd_jax.training.config import ConfigError
-from blspkd_jax.training.weights import WeightsError
 
-# Errors whose message names the file, line or config key to fix: printed as one line.
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    AudioError,
-    LayoutError,
-    CheckpointError,
-    ExportError,
-    RunError,
-    StreamError,
-    WeightsError,
-    FileNotFoundError,
-)
+# Errors whose message names the file, line or config key to fix: printed as one line. Every
+# part's own error type (DataError, WeightsError, ...) is a UserError, so none of those modules,
+# and none of the libraries behind them, is imported before the command parses its arguments.
+USER_ERRORS = (UserError, FileNotFoundError)
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 

@@ -19,12 +19,8 @@ import json
 import logging
 import sys
 
-import jax
-
 from blspkd_jax import cli
 from blspkd_jax.training import config as config_lib
-from blspkd_jax.training import distributed, plan
-from blspkd_jax.training.trainer import Trainer
 
 log = logging.getLogger("blspkd_jax.train")
 
@@ -55,6 +51,13 @@ def main(argv=None) -> int:
         cli.setup_logging(args.verbose)
         if args.compile_only:
             return compile_only(config, args.compile_only)
+        # Imported once the command line is known to be good: JAX, the data pipeline and the
+        # checkpointer take seconds to import, a mistyped key is reported before any of that.
+        import jax
+
+        from blspkd_jax.training import distributed
+        from blspkd_jax.training.trainer import Trainer
+
         d = config.distributed
         distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
         trainer = Trainer(config, args.workdir)
@@ -69,6 +72,10 @@ def main(argv=None) -> int:
 
 def compile_only(config, topology: str) -> int:
     """`--compile-only`: 0 when the step fits `topology`, 1 when not (the report says why)."""
+    import jax
+
+    from blspkd_jax.training import plan
+
     # Nothing runs here, so no local accelerator is claimed: JAX starts on the CPU only (a TPU
     # topology is compiled for by libtpu all the same), with N devices for cpu:N.
     jax.config.update("jax_platforms", "cpu")

@@ -151,7 +151,8 @@ def test_load_into_mesh_equals_plain_load(tmp_path):
 
 def _tiny_config(*extra):
     config = config_lib.load_config(str(REPO / "configs/tiny.py"))
-    overrides = [o.removeprefix("--config.") for o in OVERRIDES]
+    # One LLM layer: each random initialisation below is compiled, threefry for every tensor.
+    overrides = [*(o.removeprefix("--config.") for o in OVERRIDES), "model.llm.num_layers=1"]
     config_lib.apply_overrides(config, [*overrides, *extra])
     return config
 

@@ -75,8 +75,11 @@ def test_encoder_chunks_equal_the_chunk_causal_encoder(scan, chunk, F):
     S = -(-c.max_source_positions // K) * K
     mel = np.random.default_rng(0).standard_normal((1, 8, F)).astype(np.float32)
     enc = WhisperEncoder(c)
-    params = enc.init(jax.random.key(0), jnp.zeros((1, 8, F)), jnp.ones((1, F), bool))["params"]
-    full = enc.apply({"params": params}, mel, np.ones((1, F), bool))
+    params = jax.jit(enc.init)(jax.random.key(0), jnp.zeros((1, 8, F)), jnp.ones((1, F), bool))[
+        "params"
+    ]
+    full = jax.jit(enc.apply)({"params": params}, mel, np.ones((1, F), bool))
+    chunk_step = jax.jit(WhisperEncoderChunk(c).apply)  # one program for every chunk
     E = (F + 1) // 2
     cache = jnp.zeros((L, 1, S, 2, 8))
     keys, values, seen = cache, cache, jnp.zeros((1, S), bool)
@@ -85,7 +88,7 @@ def test_encoder_chunks_equal_the_chunk_causal_encoder(scan, chunk, F):
         idx = np.arange(2 * s - 2, 2 * s - 2 + chunk_mel_frames(K))
         ok = (idx >= 0) & (idx < F)
         window = np.where(ok, mel[:, :, np.clip(idx, 0, F - 1)], 0)
-        h, (k, v) = WhisperEncoderChunk(c).apply(
+        h, (k, v) = chunk_step(
             {"params": params}, window, ok[None], jnp.int32(s), (keys, values), seen
         )
         keys = jax.lax.dynamic_update_slice_in_dim(keys, k, s, axis=2)
@@ -100,15 +103,17 @@ def test_chunk_causal_encoder_and_cformer_do_not_look_ahead():
     F = 40
     mel = np.random.default_rng(0).standard_normal((1, 8, F)).astype(np.float32)
     enc = WhisperEncoder(c)
-    params = enc.init(jax.random.key(0), jnp.zeros((1, 8, F)), jnp.ones((1, F), bool))["params"]
+    params = jax.jit(enc.init)(jax.random.key(0), jnp.zeros((1, 8, F)), jnp.ones((1, F), bool))[
+        "params"
+    ]
     later = mel.copy()
     later[:, :, 30:] += 3.0  # mel frame 30 is first read by encoder frame 14, in chunk 3
-    a, b = (enc.apply({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
+    a, b = (jax.jit(enc.apply)({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
     diff = np.abs(np.asarray(a - b))[0].max(-1)
     assert np.all(diff[:12] == 0) and np.all(diff[12:] > 0)
     # Full attention (chunk_frames=0) lets every frame see the change.
     full = WhisperEncoder(dataclasses.replace(c, chunk_frames=0))
-    a, b = (full.apply({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
+    a, b = (jax.jit(full.apply)({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
     assert np.all(np.abs(np.asarray(a - b))[0].max(-1) > 0)
 
     ac = CFormerConfig(
@@ -117,10 +122,10 @@ def test_chunk_causal_encoder_and_cformer_do_not_look_ahead():
     )  # fmt: skip
     h = np.random.default_rng(1).standard_normal((1, 20, 16)).astype(np.float32)
     cf = CFormer(ac)
-    p = cf.init(jax.random.key(0), h)["params"]
+    p = jax.jit(cf.init)(jax.random.key(0), h)["params"]
     h2 = h.copy()
     h2[:, 16:] += 3.0  # the last chunk
-    (y1, m1, a1), (y2, m2, a2) = (cf.apply({"params": p}, x) for x in (h, h2))
+    (y1, m1, a1), (y2, m2, a2) = (jax.jit(cf.apply)({"params": p}, x) for x in (h, h2))
     np.testing.assert_array_equal(a1["alphas"][:, :16], a2["alphas"][:, :16])
     # Tokens that fired before frame 16 are the same (causal post-CIF layers).
     fired = int(np.floor(np.cumsum(a1["alphas"][0])[15]))
@@ -134,7 +139,9 @@ def test_streaming_cif_equals_threshold_firing(method):
     for T in (3, 50, 133):
         a = rng.uniform(0, 0.6, (1, T)).astype(np.float32)
         x = rng.standard_normal((1, T, 5)).astype(np.float32)
-        tokens, mask = cif(x, a, None, max_tokens=80, firing="threshold", method=method)
+        tokens, mask = jax.jit(
+            lambda x, a: cif(x, a, None, max_tokens=80, firing="threshold", method=method)
+        )(x, a)
         n = int(mask.sum())
         total = float(a.sum())
         want = int(np.floor(total)) + (total % 1 >= 0.5 or total < 1)

@@ -172,11 +172,31 @@ def _state(model, step_cfg, batch, mesh=None):
     return state, shardings, tx, mesh
 
 
+def _zero_state(model, step_cfg):
+    """`create_state` from zero parameters in their shardings (no random init to compile), and
+    `abstract_state` from their shapes alone: (state, shardings, abstract, abstract shardings)."""
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx, _ = optim.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    params, shardings = weights.param_layout(model, mesh)
+    zeros = {k: jax.device_put(np.zeros(v.shape, v.dtype), shardings[k]) for k, v in params.items()}
+    state, state_shardings = train_state.create_state(zeros, mesh, step_cfg, tx)
+    return (
+        state,
+        state_shardings,
+        *train_state.abstract_state(params, shardings, mesh, step_cfg, tx),
+    )
+
+
 def test_frozen_weights_carry_no_optimizer_state():
     model = BLSPKD(tiny_config())
-    batch = random_batch(0)
     step_cfg = train_state.StepConfig(trainable=("^adapter/",), loss=LossConfig())
-    state, *_ = _state(model, step_cfg, batch)
+    state, shardings, abstract, abstract_shardings = _zero_state(model, step_cfg)
+    # The abstract state (what --compile-only and the step's ahead-of-time compile plan from) is
+    # the built one's shapes, dtypes and shardings.
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), abstract
+    )
+    assert shardings == abstract_shardings
     assert all(k.startswith("adapter/") for k in state.trainable)
     assert not any(k.startswith("adapter/") for k in state.frozen)
     n_trainable = optim.count_params(state.trainable)
@@ -189,7 +209,7 @@ def test_frozen_weights_carry_no_optimizer_state():
     )
     # Stage 2 adds PLoRA: LoRA weights train, base LLM weights stay frozen.
     stage2 = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
-    state2, *_ = _state(model, stage2, batch)
+    state2, *_ = _zero_state(model, stage2)
     lora = [k for k in state2.trainable if "lora_" in k]
     assert lora and not any("lora_" in k for k in state2.frozen)
     assert any(k.startswith("llm/") for k in state2.frozen)
@@ -220,10 +240,15 @@ def test_step_flops_count_every_scanned_layer():
     step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     counted = {}
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx, _ = optim.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
     for scan in (False, True):
         model = BLSPKD(tiny_config(scan_layers=scan))
-        state, shardings, tx, mesh = _state(model, step_cfg, batch)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        # Shapes only: counting and compiling need no initialised parameters.
+        params, param_shardings = weights.param_layout(model, mesh)
+        abstract, shardings = train_state.abstract_state(
+            params, param_shardings, mesh, step_cfg, tx
+        )
         step = train_state.make_train_step(model, step_cfg, tx)
         with sharding.activate(mesh):
             counted[scan] = flops.matmul_flops(jax.make_jaxpr(step)(abstract, abstract_batch, rng))

@@ -15,6 +15,7 @@ import soundfile as sf
 import soxr
 
 from blspkd_jax.data import storage
+from blspkd_jax.errors import UserError
 
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # Whisper's STFT hop: 100 mel frames per second
@@ -22,7 +23,7 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 MIN_SAMPLES = 200  # log-mel needs more than half an STFT window of audio
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """A file is missing, unreadable, or its samples are unusable; the message is the reason."""
 
 

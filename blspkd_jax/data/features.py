@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from transformers.audio_utils import mel_filter_bank
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window
@@ -22,6 +21,9 @@ def mel_filters(n_mels: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMPLE_
     """Whisper's mel filter bank `[n_fft // 2 + 1, n_mels]` (Slaney scale and area normalisation,
     from 0 Hz to sample_rate / 2): transformers' own, as WhisperFeatureExtractor builds it.
     Read-only, cached."""
+    # Imported here: transformers takes seconds to import, and a worker needs this only once.
+    from transformers.audio_utils import mel_filter_bank
+
     w = mel_filter_bank(
         num_frequency_bins=n_fft // 2 + 1,
         num_mel_filters=n_mels,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from blspkd_jax.data.features import silence_value
+from blspkd_jax.errors import UserError
 
 TRANSCRIPT_MARK = "<<TRANSCRIPT>>"
 RESPONSE_MARK = "<<RESPONSE>>"
@@ -34,7 +35,7 @@ CHATML_TEMPLATE = (
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """The tokenizer or its chat template can't produce the layout; the message says what to fix."""
 
 

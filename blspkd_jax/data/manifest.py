@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 
 from blspkd_jax.data import storage
+from blspkd_jax.errors import UserError
 
 REQUIRED = ("audio", "text")
 
@@ -26,7 +27,7 @@ MAX_TEXT_TOKENS = 128
 OPTIONAL_STR = ("response", "instruction", "id")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad manifest row in strict mode; the message is `MANIFEST:LINE: reason`."""
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blspkd_jax.data.features import StreamingLogMel
+from blspkd_jax.errors import UserError
 from blspkd_jax.inference.generate import batch_rules, bucket_length, output_head, stop_token_ids
 from blspkd_jax.models import sharding
 from blspkd_jax.models.adapter import CFormerStream
@@ -36,7 +37,7 @@ from blspkd_jax.models.encoder import WhisperEncoderChunk, chunk_mel_frames
 from blspkd_jax.models.llm import LLM, init_cache
 
 
-class StreamError(ValueError):
+class StreamError(UserError):
     """The run cannot stream, or the audio does not fit (one line naming what and why)."""
 
 

@@ -15,11 +15,11 @@ from typing import Any
 import ml_collections
 from etils import epath
 from jax.sharding import Mesh
-from transformers import AutoTokenizer
 
 from blspkd_jax.data import storage
 from blspkd_jax.data.layout import ChatLayout
 from blspkd_jax.data.pipeline import DataConfig
+from blspkd_jax.errors import UserError
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD
 from blspkd_jax.training import build, checkpoint, optim, weights
@@ -29,7 +29,7 @@ from blspkd_jax.training.objective import LossConfig
 log = logging.getLogger(__name__)
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A workdir or checkpoint step can't be loaded; the message names it and what was expected."""
 
 
@@ -109,6 +109,8 @@ def load_run(
     except weights.WeightsError as e:
         raise RunError(f"{workdir / 'config.json'}: {e}") from None
     log.info("loaded %s step %d", workdir, step)
+
+    from transformers import AutoTokenizer  # seconds to import (it brings torch): only when used
 
     tokenizer = AutoTokenizer.from_pretrained(build.tokenizer_path(config))
     d = config.data

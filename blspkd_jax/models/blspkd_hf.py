@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from blspkd_jax.errors import UserError
 from blspkd_jax.models import encoder as encoder_lib
 from blspkd_jax.models import hf, llm_hf
 from blspkd_jax.models.adapter import CFormer, CFormerConfig
@@ -50,7 +51,7 @@ LORA_SITES = {
 _STACKS = (("encoder", "layers"), ("adapter", "pre_layers"), ("adapter", "post_layers"))
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export directory is missing, malformed or incompatible; the message names it."""
 
 

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from blspkd_jax.errors import UserError
 from blspkd_jax.models import encoder, lazy, llm, llm_hf, sharding
 
 SAFE_NAME = "model.safetensors"
@@ -46,7 +47,7 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing or malformed; the message names the file."""
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import ml_collections
 
 from blspkd_jax.data import storage
+from blspkd_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value is wrong; the message names it."""
 
 

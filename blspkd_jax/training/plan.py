@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
 
 from blspkd_jax.models import presets, sharding
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, example_batch
@@ -172,26 +171,12 @@ def abstract_state(config, model: BLSPKD, mesh, step_cfg, tx):
     """(abstract TrainState, its shardings): what `train_state.create_state` builds from the run's
     parameters (`weights.run_layout`: frozen ones in `train.frozen_dtype`), as ShapeDtypeStructs."""
     abstract, shardings = weights.run_layout(config, model, mesh)
-    trainable, frozen = optim.split_trainable(abstract, step_cfg.trainable)
-    if not trainable:
+    if not optim.split_trainable(abstract, step_cfg.trainable)[0]:
         raise ConfigError(
             f"train.trainable {list(step_cfg.trainable)} matches no parameter; paths look like "
             f"{sorted(abstract)[:3]}"
         )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_abstract = jax.eval_shape(tx.init, trainable)
-    trained_shardings = {k: shardings[k] for k in trainable}
-    opt_shardings = jax.tree_util.tree_map_with_path(
-        lambda path, _: train_state._opt_leaf_sharding(path, trained_shardings, replicated),
-        opt_abstract,
-    )
-    state = train_state.TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, opt_abstract
-    )
-    state_shardings = train_state.TrainState(
-        replicated, trained_shardings, {k: shardings[k] for k in frozen}, opt_shardings
-    )
-    return state, state_shardings
+    return train_state.abstract_state(abstract, shardings, mesh, step_cfg, tx)
 
 
 # ----------------------------------------------------------------------------------------------

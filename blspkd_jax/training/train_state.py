@@ -79,6 +79,30 @@ def create_state(
     return state, state_shardings
 
 
+def abstract_state(
+    params: Mapping[str, jax.ShapeDtypeStruct],
+    shardings: Mapping[str, NamedSharding],
+    mesh: Mesh,
+    step_cfg: StepConfig,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, TrainState]:
+    """(abstract state, state shardings): what `create_state` builds from parameters of these
+    shapes and shardings (flat, e.g. `weights.param_layout`), as ShapeDtypeStructs; nothing is
+    initialised or compiled, so a step can be planned and compiled from shapes alone."""
+    trainable, frozen = optim.split_trainable(dict(params), step_cfg.trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_abstract = jax.eval_shape(tx.init, trainable)
+    trained_shardings = {k: shardings[k] for k in trainable}
+    opt_shardings = jax.tree_util.tree_map_with_path(
+        lambda path, _: _opt_leaf_sharding(path, trained_shardings, replicated), opt_abstract
+    )
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, opt_abstract)
+    state_shardings = TrainState(
+        replicated, trained_shardings, {k: shardings[k] for k in frozen}, opt_shardings
+    )
+    return state, state_shardings
+
+
 def _opt_leaf_sharding(path, param_sharding, replicated):
     """Optimizer moments shard like the parameter they track (same flat key); counters and
     other scalars are replicated."""

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from blspkd_jax.errors import UserError
 from blspkd_jax.models import encoder, hf, llm_hf, sharding
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, init_fn
 from blspkd_jax.models.blspkd_hf import exported_params, is_exported
@@ -32,7 +33,7 @@ from blspkd_jax.training import checkpoint, optim
 log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weight source can't be used; the message names the config key or directory."""
 
 
