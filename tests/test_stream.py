@@ -108,12 +108,14 @@ def test_chunk_causal_encoder_and_cformer_do_not_look_ahead():
     ]
     later = mel.copy()
     later[:, :, 30:] += 3.0  # mel frame 30 is first read by encoder frame 14, in chunk 3
-    a, b = (jax.jit(enc.apply)({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
+    apply = jax.jit(enc.apply)
+    a, b = (apply({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
     diff = np.abs(np.asarray(a - b))[0].max(-1)
     assert np.all(diff[:12] == 0) and np.all(diff[12:] > 0)
     # Full attention (chunk_frames=0) lets every frame see the change.
     full = WhisperEncoder(dataclasses.replace(c, chunk_frames=0))
-    a, b = (jax.jit(full.apply)({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
+    apply = jax.jit(full.apply)
+    a, b = (apply({"params": params}, m, np.ones((1, F), bool)) for m in (mel, later))
     assert np.all(np.abs(np.asarray(a - b))[0].max(-1) > 0)
 
     ac = CFormerConfig(
@@ -125,7 +127,8 @@ def test_chunk_causal_encoder_and_cformer_do_not_look_ahead():
     p = jax.jit(cf.init)(jax.random.key(0), h)["params"]
     h2 = h.copy()
     h2[:, 16:] += 3.0  # the last chunk
-    (y1, m1, a1), (y2, m2, a2) = (jax.jit(cf.apply)({"params": p}, x) for x in (h, h2))
+    apply = jax.jit(cf.apply)
+    (y1, m1, a1), (y2, m2, a2) = (apply({"params": p}, x) for x in (h, h2))
     np.testing.assert_array_equal(a1["alphas"][:, :16], a2["alphas"][:, :16])
     # Tokens that fired before frame 16 are the same (causal post-CIF layers).
     fired = int(np.floor(np.cumsum(a1["alphas"][0])[15]))

@@ -26,8 +26,7 @@ def model_and_params():
     model = BLSPKD(tiny_config())
     batch = random_batch(0)
     # The initialisation the step tests below use (`_state`): one compiled program for the file.
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    flat = dict(weights.random_params(model, mesh, jax.random.key(0)))
+    flat = dict(weights.random_params(model, _mesh_and_tx()[0], jax.random.key(0)))
     # Give PLoRA non-zero B so that "LoRA changes nothing where the mask is 0" is a real test.
     for k in flat:
         if k.endswith("lora_b"):
@@ -163,9 +162,16 @@ def test_losses_are_finite_named_and_weighted(model_and_params):
     np.testing.assert_allclose(float(metrics["cif"]), want, rtol=1e-5)
 
 
-def _state(model, step_cfg, batch, mesh=None):
-    mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+def _mesh_and_tx():
+    """The step tests' one-device mesh and optimizer."""
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, _ = optim.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    return mesh, tx
+
+
+def _state(model, step_cfg, batch, mesh=None):
+    default_mesh, tx = _mesh_and_tx()
+    mesh = mesh or default_mesh
     params = weights.random_params(model, mesh, jax.random.key(0))
     state, shardings = train_state.create_state(params, mesh, step_cfg, tx)
     return state, shardings, tx, mesh
@@ -174,8 +180,7 @@ def _state(model, step_cfg, batch, mesh=None):
 def _zero_state(model, step_cfg):
     """`create_state` from zero parameters in their shardings (no random init to compile), and
     `abstract_state` from their shapes alone: (state, shardings, abstract, abstract shardings)."""
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tx, _ = optim.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    mesh, tx = _mesh_and_tx()
     params, shardings = weights.param_layout(model, mesh)
     zeros = {k: jax.device_put(np.zeros(v.shape, v.dtype), shardings[k]) for k, v in params.items()}
     state, state_shardings = train_state.create_state(zeros, mesh, step_cfg, tx)
@@ -239,8 +244,7 @@ def test_step_flops_count_every_scanned_layer():
     step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     counted = {}
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tx, _ = optim.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    mesh, tx = _mesh_and_tx()
     for scan in (False, True):
         model = BLSPKD(tiny_config(scan_layers=scan))
         # Shapes only: counting and compiling need no initialised parameters.
