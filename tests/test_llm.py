@@ -453,9 +453,11 @@ def test_prefix_keys_and_values_continue_a_forward(saved, scan, remat):
         return jax.jit(jax.grad(lambda lo, x: jnp.sum(f(lo, x) ** 2), argnums=(0, 1)))(lora, x)
 
     g_full, g_tail = grad(full, embeds), grad(tail, embeds[:, P:])
-    for a, b in zip(jax.tree.leaves(g_tail[0]), jax.tree.leaves(g_full[0]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
-    np.testing.assert_allclose(g_tail[1], g_full[1][:, P:], rtol=1e-4, atol=1e-5)
+    # Float32 rounding differs between XLA programs: the same full call with and without remat
+    # differs by up to 2.2e-5 of a gradient's largest entry (scanned, AVX-512 CPU), so 1e-4 of it.
+    pairs = [*zip(jax.tree.leaves(g_tail[0]), jax.tree.leaves(g_full[0]), strict=True)]
+    for a, b in [*pairs, (g_tail[1], g_full[1][:, P:])]:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
 # ----------------------------------------------------------------------------------------------
