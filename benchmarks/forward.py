@@ -78,14 +78,21 @@ LLM_QUICK = dict(
 
 
 def cpu_model() -> str:
+    """The CPU's name and its widest vector ISA: VMs of one name differ in it, and the GEMMs of
+    XLA and MKL with it (BENCHMARKS.md, run H)."""
+    name, flags = platform.processor() or "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    isa = next((n for f, n in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), None)
+    return f"{name} ({isa})" if isa else name
 
 
 def bench(jax_fn, torch_fn, repeats: int, warmup: int = 2):
