@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/step_profile.py                  # preset tiny
     .venv/bin/python benchmarks/step_profile.py --preset smollm2 --repeats 2
+    .venv/bin/python benchmarks/step_profile.py --preset smollm2 --top 12   # + the costliest ops
     .venv/bin/python benchmarks/step_profile.py --quick          # a smoke run
 
 The step runs under `jax.profiler.trace`; every op the XLA:CPU runtime executes is one trace event
@@ -193,6 +194,40 @@ def summarise(prof: dict) -> tuple[dict, dict, dict]:
     return dict(parts), dict(kinds), dict(both)
 
 
+_LAYER = re.compile(r"layers_\d+")
+
+
+def top_ops(prof: dict, n: int) -> tuple[list, list]:
+    """The `n` costliest op names summed over the layers (`layers_3` read as `layers_#`) and the
+    `n` costliest single ops: ([(ms, instances, part, kind, op name)], [(ms, part, kind, op
+    name)]); containers left out, as in `summarise`."""
+    groups: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
+    single = []
+    for op, ms in prof["ops"].items():
+        opcode, op_name = prof["hlo"].get(op, ("", ""))
+        if opcode in _CONTAINERS:
+            continue
+        part, kind = classify(op, opcode, op_name)
+        g = groups[(part, kind, _LAYER.sub("layers_#", op_name) or op)]
+        g[0] += ms
+        g[1] += 1
+        single.append((ms, part, kind, op_name or op))
+    summed = sorted(((ms, k, *key) for key, (ms, k) in groups.items()), reverse=True)
+    return summed[:n], sorted(single, reverse=True)[:n]
+
+
+def report_top(name: str, prof: dict, n: int) -> str:
+    summed, single = top_ops(prof, n)
+    short = lambda op_name: op_name.removeprefix("jit(train_step)/")  # noqa: E731
+    lines = [f"#### {name}: the {n} costliest ops, summed over layers", "",
+             "| ms | instances | part | kind | op |", "|---:|---:|---|---|---|"]  # fmt: skip
+    lines += [f"| {ms:.0f} | {k} | {p} | {kind} | `{short(o)}` |" for ms, k, p, kind, o in summed]
+    lines += ["", f"#### {name}: the {n} costliest single ops", "",
+              "| ms | part | kind | op |", "|---:|---|---|---|"]  # fmt: skip
+    lines += [f"| {ms:.1f} | {p} | {kind} | `{short(o)}` |" for ms, p, kind, o in single]
+    return "\n".join(lines) + "\n"
+
+
 def report(name: str, prof: dict) -> str:
     parts, kinds, both = summarise(prof)
     total = sum(parts.values())
@@ -218,6 +253,8 @@ def main(argv=None) -> int:
                     help="repeatable (default: tiny)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="shrunken presets (a smoke run)")
     ap.add_argument("--repeats", type=int, default=3, help="traced steps (default 3)")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="also list the N costliest ops (summed over layers; single)")  # fmt: skip
     args = ap.parse_args(argv)
     names = args.preset or ["tiny"]
     load = os.getloadavg()[0]
@@ -230,6 +267,8 @@ def main(argv=None) -> int:
     summary = {}
     for name, prof in profiles.items():
         print(report(name, prof))
+        if args.top:
+            print(report_top(name, prof, args.top))
         parts, kinds, _ = summarise(prof)
         summary[name] = {
             "step_ms": round(prof["step_ms"], 1),

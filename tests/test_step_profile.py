@@ -60,3 +60,26 @@ def test_ops_are_read_from_hlo_text_and_classified(sp):
     parts, kinds, _ = sp.summarise(prof)
     assert parts == {"teacher LLM": 2.0, "student LLM forward": 1.0}
     assert kinds == {"matmul": 2.0, "random bits": 1.0}
+
+
+def test_top_ops_sum_an_op_over_layers_and_list_single_ops(sp):
+    path = "jit(train_step)/jvp(BLSPKD)/BLSPKD.student/llm/blocks/layers_{}/mlp/mul"
+    hlo = "\n".join(
+        [
+            f'  %mul.{i} = f32[2]{{0}} multiply(%p, %q), metadata={{op_name="{path.format(i)}"}}'
+            for i in (1, 2, 3)
+        ]
+        + ['  %while.9 = (s32[]) while(%t), condition=%c, body=%b, metadata={op_name="x"}']
+    )
+    prof = {
+        "ops": {"mul.1": 1.0, "mul.2": 4.0, "mul.3": 2.0, "while.9": 50.0},
+        "hlo": sp.hlo_ops(hlo),
+    }
+    summed, single = sp.top_ops(prof, 2)
+    # The while loop is a container (its body's ops are counted on their own): left out.
+    assert summed == [(7.0, 3, "student LLM forward", "other", path.format("#"))]
+    assert single == [
+        (4.0, "student LLM forward", "other", path.format(2)),
+        (2.0, "student LLM forward", "other", path.format(3)),
+    ]
+    assert "| 7 | 3 | student LLM forward | other |" in sp.report_top("x", prof, 2)

@@ -16,6 +16,7 @@ from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD, splice_speech
 from blspkd_jax.models.llm import LLM, is_lora_path
 from blspkd_jax.training import flops, optim, train_state, weights
+from blspkd_jax.training.config import ConfigError
 from blspkd_jax.training.objective import LossConfig, compute_losses, loss_rows
 
 HERE = Path(__file__).parent
@@ -169,9 +170,8 @@ def _mesh_and_tx():
     return mesh, tx
 
 
-def _state(model, step_cfg, batch, mesh=None):
-    default_mesh, tx = _mesh_and_tx()
-    mesh = mesh or default_mesh
+def _state(model, step_cfg):
+    mesh, tx = _mesh_and_tx()
     params = weights.random_params(model, mesh, jax.random.key(0))
     state, shardings = train_state.create_state(params, mesh, step_cfg, tx)
     return state, shardings, tx, mesh
@@ -219,11 +219,33 @@ def test_frozen_weights_carry_no_optimizer_state():
     assert any(k.startswith("llm/") for k in state2.frozen)
 
 
+def test_trainable_patterns_that_match_nothing_are_a_config_error():
+    """Planning and building the state both refuse a run that would train nothing, naming the
+    key and showing what parameter paths look like."""
+    mesh, tx = _mesh_and_tx()
+    params, shardings = weights.param_layout(BLSPKD(tiny_config()), mesh)
+    step_cfg = train_state.StepConfig(trainable=("^adaptor/",), loss=LossConfig())
+    for build in (
+        lambda: train_state.abstract_state(params, shardings, mesh, step_cfg, tx),
+        lambda: train_state.create_state(
+            {
+                k: jax.device_put(np.zeros(v.shape, v.dtype), shardings[k])
+                for k, v in params.items()
+            },
+            mesh,
+            step_cfg,
+            tx,
+        ),
+    ):
+        with pytest.raises(ConfigError, match=r"train.trainable \['\^adaptor/'\] matches no"):
+            build()
+
+
 def test_train_step_updates_trainable_only():
     model = BLSPKD(tiny_config())
     batch = random_batch(3)
     step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
-    state, shardings, tx, mesh = _state(model, step_cfg, batch)
+    state, shardings, tx, mesh = _state(model, step_cfg)
     frozen_before = {k: np.asarray(v) for k, v in state.frozen.items()}
     trainable_before = {k: np.asarray(v) for k, v in state.trainable.items()}
     step = jax.jit(train_state.make_train_step(model, step_cfg, tx))
@@ -274,7 +296,7 @@ def test_gradient_accumulation_averages_two_different_micro_batches():
     step_cfg = train_state.StepConfig(
         trainable=("^adapter/", "lora_"), loss=LossConfig(response_ce=0.5), grad_accum_steps=2
     )
-    state, *_ = _state(model, step_cfg, both)
+    state, *_ = _state(model, step_cfg)
     rng = jax.random.PRNGKey(0)
     grads, metrics = jax.jit(train_state.make_grad_fn(model, step_cfg))(
         state.trainable, state.frozen, both, rng
@@ -301,7 +323,7 @@ def test_non_finite_loss_skips_update():
     batch["features"][0, 0, 0] = np.nan
     # The configuration of test_train_step_updates_trainable_only: the same compiled program.
     step_cfg = train_state.StepConfig(trainable=("^adapter/", "lora_"), loss=LossConfig())
-    state, shardings, tx, mesh = _state(model, step_cfg, batch)
+    state, shardings, tx, mesh = _state(model, step_cfg)
     before = {k: np.asarray(v) for k, v in state.trainable.items()}
     state, metrics = jax.jit(train_state.make_train_step(model, step_cfg, tx))(
         state, batch, jax.random.PRNGKey(0)

@@ -171,11 +171,6 @@ def abstract_state(config, model: BLSPKD, mesh, step_cfg, tx):
     """(abstract TrainState, its shardings): what `train_state.create_state` builds from the run's
     parameters (`weights.run_layout`: frozen ones in `train.frozen_dtype`), as ShapeDtypeStructs."""
     abstract, shardings = weights.run_layout(config, model, mesh)
-    if not optim.split_trainable(abstract, step_cfg.trainable)[0]:
-        raise ConfigError(
-            f"train.trainable {list(step_cfg.trainable)} matches no parameter; paths look like "
-            f"{sorted(abstract)[:3]}"
-        )
     return train_state.abstract_state(abstract, shardings, mesh, step_cfg, tx)
 
 

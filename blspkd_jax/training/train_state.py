@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from blspkd_jax.models import sharding
 from blspkd_jax.models.blspkd import BLSPKD
 from blspkd_jax.training import flops, optim
+from blspkd_jax.training.config import ConfigError
 from blspkd_jax.training.objective import LossConfig, compute_losses
 
 
@@ -51,6 +52,18 @@ class StepConfig:
     shared_prefix: int = 0
 
 
+def split_trainable(params: Mapping[str, Any], patterns: Sequence[str]) -> tuple[dict, dict]:
+    """(trainable, frozen) flat parameters by `train.trainable`'s patterns; a ConfigError naming
+    the key when they match nothing (a run that would train nothing)."""
+    trainable, frozen = optim.split_trainable(dict(params), patterns)
+    if not trainable:
+        raise ConfigError(
+            f"train.trainable {list(patterns)} matches no parameter; paths look like "
+            f"{sorted(params)[:3]}"
+        )
+    return trainable, frozen
+
+
 def create_state(
     params: Mapping[str, jax.Array],
     mesh: Mesh,
@@ -60,12 +73,7 @@ def create_state(
     """(state at step 0, state shardings) from a run's flat parameters (`weights.assemble_params`:
     already in their shardings), split by `step_cfg.trainable`; the optimizer state is created
     directly in the shardings of the parameters it tracks."""
-    trainable, frozen = optim.split_trainable(dict(params), step_cfg.trainable)
-    if not trainable:
-        raise ValueError(
-            f"train.trainable {list(step_cfg.trainable)} matches no parameter; paths look like "
-            f"{sorted(params)[:3]}"
-        )
+    trainable, frozen = split_trainable(params, step_cfg.trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sharding = {k: v.sharding for k, v in trainable.items()}
     opt_shardings = jax.tree_util.tree_map_with_path(
@@ -89,7 +97,7 @@ def abstract_state(
     """(abstract state, state shardings): what `create_state` builds from parameters of these
     shapes and shardings (flat, e.g. `weights.param_layout`), as ShapeDtypeStructs; nothing is
     initialised or compiled, so a step can be planned and compiled from shapes alone."""
-    trainable, frozen = optim.split_trainable(dict(params), step_cfg.trainable)
+    trainable, frozen = split_trainable(params, step_cfg.trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, trainable)
     trained_shardings = {k: shardings[k] for k in trainable}
