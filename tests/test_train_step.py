@@ -201,6 +201,7 @@ def test_frozen_weights_carry_no_optimizer_state():
         lambda x: (x.shape, x.dtype), abstract
     )
     assert shardings == abstract_shardings
+    assert jax.tree.map(lambda x: x.sharding, state) == abstract_shardings  # as built, too
     assert all(k.startswith("adapter/") for k in state.trainable)
     assert not any(k.startswith("adapter/") for k in state.frozen)
     n_trainable = optim.count_params(state.trainable)

@@ -73,18 +73,13 @@ def create_state(
     """(state at step 0, state shardings) from a run's flat parameters (`weights.assemble_params`:
     already in their shardings), split by `step_cfg.trainable`; the optimizer state is created
     directly in the shardings of the parameters it tracks."""
-    trainable, frozen = split_trainable(params, step_cfg.trainable)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_sharding = {k: v.sharding for k, v in trainable.items()}
-    opt_shardings = jax.tree_util.tree_map_with_path(
-        lambda path, _: _opt_leaf_sharding(path, param_sharding, replicated),
-        jax.eval_shape(tx.init, trainable),
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    state = TrainState(step, trainable, frozen, opt_state)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    return state, state_shardings
+    shardings = {k: v.sharding for k, v in params.items()}
+    # abstract_state's split holds these very arrays; only the step and the optimizer state
+    # remain to be made, in the shardings it planned.
+    planned, state_shardings = abstract_state(params, shardings, mesh, step_cfg, tx)
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(planned.trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
+    return planned.replace(step=step, opt_state=opt_state), state_shardings
 
 
 def abstract_state(
