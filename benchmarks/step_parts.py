@@ -206,7 +206,7 @@ def time_matmuls(rows: int, d_in: int, d_out: int, repeats: int = 10) -> dict:
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
-def _bernoulli_dropout(x, rate, rng):
+def _bernoulli_dropout(x, rate, rng, rows=None):
     """`flax.linen.Dropout`'s mask: one `jax.random.bernoulli` draw (32 random bits) an element."""
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
@@ -216,7 +216,7 @@ def _bernoulli_dropout(x, rate, rng):
 DROPOUTS = {
     "counter hash (ours)": llm.dropout,
     "bernoulli (flax)": _bernoulli_dropout,
-    "none": lambda x, rate, rng: x,
+    "none": lambda x, rate, rng, rows=None: x,
 }
 
 

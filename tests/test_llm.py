@@ -466,7 +466,7 @@ def test_prefix_keys_and_values_continue_a_forward(saved, scan, remat):
 
 @pytest.fixture(scope="module")
 def lora_model(saved):
-    """(jitted base forward, jitted LoRA forward, params with nonzero LoRA A and B)."""
+    """(jitted base forward, jitted LoRA forward, params with nonzero LoRA A and B, the module)."""
     path, _ = saved["qwen2"]  # biased projections: LoRA adds to x W + b
     module, base = hf.load_llm(path)
     config = module.config.with_lora(rank=4, alpha=8.0, dropout=0.1)
@@ -486,7 +486,7 @@ def lora_model(saved):
     # The base reference is called the same way (no attention_mask): XLA may fold a constant mask
     # differently from a mask argument, which moves float32 rounding between two programs.
     base_forward = jax.jit(lambda params, ids: module.apply({"params": params}, ids))
-    return functools.partial(base_forward, base), forward, llm.merge_params(base, lora)
+    return functools.partial(base_forward, base), forward, llm.merge_params(base, lora), lmod
 
 
 def test_lora_init_params(saved):
@@ -524,7 +524,7 @@ def test_lora_init_params(saved):
 
 
 def test_lora_zero_mask_is_base_bit_for_bit(lora_model):
-    base_forward, forward, params = lora_model
+    base_forward, forward, params, _ = lora_model
     ids = jnp.asarray(_ids(6, (2, 12)))
     ref = base_forward(ids)
     zeros = jnp.zeros((2, 12), jnp.float32)
@@ -533,7 +533,7 @@ def test_lora_zero_mask_is_base_bit_for_bit(lora_model):
 
 
 def test_lora_span_changes_only_span_and_after(lora_model):
-    base_forward, forward, params = lora_model
+    base_forward, forward, params, _ = lora_model
     ids = _ids(7, (2, 12))
     ref = np.asarray(base_forward(jnp.asarray(ids)))
     m = np.zeros((2, 12), np.float32)
@@ -546,6 +546,44 @@ def test_lora_span_changes_only_span_and_after(lora_model):
 def _linear_with_b(lin, x):
     p = nn.unbox(lin.init(jax.random.key(1), x)["params"])
     return {**p, "lora_b": jax.random.normal(jax.random.key(2), p["lora_b"].shape)}
+
+
+def test_lora_capacity_changes_only_the_cost(lora_model):
+    """PLoRA's branch on N gathered rows per sequence (`lora_capacity`) equals it on all L, dropout
+    on: hidden states and gradients (LoRA weights and inputs)."""
+    *_, params, lmod = lora_model
+    base, lora = llm.split_lora(params)
+    embeds = jax.random.normal(jax.random.key(3), (3, 12, H))
+    m = np.zeros((3, 12), np.float32)
+    m[0, 3:7], m[1, 8:12], m[2, 5] = 1.0, 1.0, 1.0  # at most 4 speech positions
+    ct = jax.random.normal(jax.random.key(4), (3, 12, H))
+
+    def loss(capacity, lora, x):
+        hidden = lmod.apply(
+            {"params": llm.merge_params(base, lora)},
+            inputs_embeds=x,
+            lora_mask=jnp.asarray(m),
+            lora_capacity=capacity,
+            return_hidden=True,
+            deterministic=False,
+            rngs={"dropout": jax.random.key(6)},
+        )
+        return jnp.sum(hidden * ct), hidden
+
+    def run(capacity):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, capacity), (0, 1), True))(
+            lora, embeds
+        )
+
+    (_, got), g_got = run(4)
+    (_, want), g_want = run(None)
+    (_, off), _ = jax.jit(jax.value_and_grad(functools.partial(loss, 4), (0, 1), True))(
+        jax.tree.map(jnp.zeros_like, lora), embeds
+    )
+    assert float(jnp.abs(got - off).max()) > 1e-2  # the branch (and its dropout) did something
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
 def test_lora_projection_formula():
@@ -653,6 +691,68 @@ def test_lora_dropout_only_when_not_deterministic():
     np.testing.assert_array_equal(drop5[~on], no_lora[~on])
     with pytest.raises(Exception, match="dropout"):  # training mode needs the "dropout" rng
         lin.apply({"params": p}, x, m, False)
+
+
+def test_dropout_of_gathered_rows_is_the_whole_arrays_mask():
+    x = jax.random.normal(jax.random.key(0), (3, 10, 7))
+    key = jax.random.key(5)
+    whole = np.asarray(llm.dropout(x, 0.4, key)).reshape(30, 7)
+    rows = jnp.asarray([[2, 17, 29], [0, 5, 11]], jnp.int32)  # row numbers of x [30 rows]
+    picked = jnp.asarray(x).reshape(30, 7)[rows]
+    np.testing.assert_array_equal(llm.dropout(picked, 0.4, key, rows), whole[np.asarray(rows)])
+
+
+def test_lora_rows_hold_the_mask_in_order():
+    m = jnp.asarray([[0, 1, 1, 0, 0.5], [0, 0, 0, 0, 0], [1, 1, 1, 0, 1]], jnp.float32)
+    rows = llm.lora_rows(m, 3)
+    np.testing.assert_array_equal(rows.index, [[1, 2, 4], [5, 5, 5], [0, 1, 2]])
+    np.testing.assert_array_equal(rows.scale, [[1, 1, 0.5], [0, 0, 0], [1, 1, 1]])
+    # Past the capacity a position gets no PLoRA (the caller's bound); the default is L.
+    assert llm.lora_rows(m).index.shape == (3, 5)
+    np.testing.assert_array_equal(llm.lora_rows(m).index[2], [0, 1, 2, 4, 5])
+
+
+def test_lora_branch_on_gathered_rows_is_the_full_row_formula(monkeypatch):
+    """PLoRA's branch on N gathered rows (dropout on) equals the formula over all L rows,
+    `x W + b + m * (dropout(x) A B) * alpha / r` with the mask `dropout(x)` draws for the whole
+    [B, L, in] input, in values and in gradients (A, B and x)."""
+    keys = []
+
+    def recording(x, rate, rng, rows=None):
+        keys.append(rng)
+        return own(x, rate, rng, rows)
+
+    own = llm.dropout
+    monkeypatch.setattr(llm, "dropout", recording)
+    lin = llm.Linear(6, ("embed", "heads"), use_bias=True, lora_rank=3, lora_dropout=0.3)
+    x = jax.random.normal(jax.random.key(0), (3, 9, 5))
+    p = {**_linear_with_b(lin, x), "bias": jnp.linspace(-1, 1, 6)}
+    m = np.zeros((3, 9), np.float32)
+    m[0, 2:5], m[1, 6:9], m[2, 0] = 1.0, 0.5, 1.0
+    rows = llm.lora_rows(jnp.asarray(m), 3)  # at most 3 non-zero positions per sequence
+    ct = jax.random.normal(jax.random.key(4), (3, 9, 6))
+
+    def ours(p, x):
+        y = lin.apply({"params": p}, x, rows, False, rngs={"dropout": jax.random.key(9)})
+        return y, jnp.sum(y * ct)
+
+    def formula(p, x, rng):
+        h = own(x, 0.3, rng)  # the whole input's mask
+        delta = h @ p["lora_a"] @ p["lora_b"] * (16.0 / 3)
+        y = x @ p["kernel"] + p["bias"] + jnp.asarray(m)[..., None] * delta
+        return y, jnp.sum(y * ct)
+
+    y, _ = ours(p, x)
+    grads = jax.grad(lambda p, x: ours(p, x)[1], argnums=(0, 1))(p, x)
+    rng = keys[0]
+    y_ref, _ = formula(p, x, rng)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    off = m == 0  # off the mask: x W + b exactly, as without PLoRA
+    np.testing.assert_array_equal(np.asarray(y)[off], np.asarray(lin.apply({"params": p}, x))[off])
+    g_ref = jax.grad(lambda p, x: formula(p, x, rng)[1], argnums=(0, 1))(p, x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(grads[0]["lora_a"]).max()) > 1e-2  # the branch has a gradient
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class BLSPKD(nn.Module):
 
     def student(self, batch, deterministic=True, prefix_kv=None):
         """The LLM hearing the speech, PLoRA on at speech positions: (hidden [B, L, H], aux).
+        PLoRA's branch runs on N rows per sequence (the CIF's N vectors), not on all L.
 
         With `prefix_kv` (the teacher's keys and values of the first P positions, before any
         speech position) only positions P.. are computed: hidden is then [B, L - P, H].
@@ -82,6 +83,7 @@ class BLSPKD(nn.Module):
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"][:, p:],
             lora_mask=batch["speech_mask"][:, p:],
+            lora_capacity=tokens.shape[1],  # CIF's N vectors: no sequence has more speech rows
             return_hidden=True,
             deterministic=deterministic,
             prefix_kv=prefix_kv,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,28 +36,60 @@ def _mix32(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """`x` [..., D] with each element zeroed with probability `rate` (rounded to 1/65536) and the
     others divided by the keep probability, so that the expectation is `x`.
 
     Own code rather than `nn.Dropout` for speed: on CPU jax lowers threefry as a rolled loop of
     small sequential ops, once per mask, and PLoRA draws one mask per projection and layer (most
     of the step's dropout cost, BENCHMARKS.md run E). Here each element's 16 bits are a counter
-    hash, `mix(mix(i ^ k0) + k1)` of its flat index `i` under the key's two words: elementwise,
-    so it fuses into one loop, and the mask depends only on the global index: the same under any
-    sharding."""
+    hash, `mix(mix(i ^ k0) + k1)` of its flat index `i = row * D + column` under the key's two
+    words: elementwise, so it fuses into one loop, and the mask depends only on the global index:
+    the same under any sharding.
+
+    `rows` (`x.shape[:-1]`, integer) numbers each row of `x` in a larger array it was gathered
+    from (PLoRA's speech rows, `LoraRows`), so that the gathered rows get that array's mask; by
+    default each row's row-major number in `x` itself. The caller keeps `rows * D` below 2**32.
+    """
     cut = round(rate * 65536)  # drop where the 16 bits are below `cut`
     if cut == 0:
         return x
-    if x.size >= 2**32:
-        raise ValueError(f"dropout: {x.size} elements; the flat index is 32 bits")
+    if rows is None:
+        if x.size >= 2**32:
+            raise ValueError(f"dropout: {x.size} elements; the flat index is 32 bits")
+        rows, stride = jnp.zeros(x.shape[:-1], jnp.uint32), 1
+        for axis in reversed(range(x.ndim - 1)):  # the row-major row number
+            rows = rows + jax.lax.broadcasted_iota(jnp.uint32, rows.shape, axis) * stride
+            stride *= x.shape[axis]
     k = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
-    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
-    for axis in reversed(range(x.ndim)):  # the row-major flat index
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
-        stride *= x.shape[axis]
+    column = jax.lax.broadcasted_iota(jnp.uint32, x.shape, x.ndim - 1)
+    index = rows.astype(jnp.uint32)[..., None] * jnp.uint32(x.shape[-1]) + column
     keep = (_mix32(_mix32(index ^ k[0]) + k[-1]) >> 16) >= jnp.uint32(cut)
     return jnp.where(keep, x / jnp.asarray(1.0 - cut / 65536, x.dtype), jnp.zeros((), x.dtype))
+
+
+class LoraRows(NamedTuple):
+    """The rows PLoRA's branch runs on, per sequence (`lora_rows` builds it from a mask).
+
+    `index [B, N]` int32: the positions whose mask is non-zero, in order, then L (out of range:
+    unused slots, dropped when the branch is added back); `scale [B, N]`: the mask there (0 in
+    unused slots). N is a static capacity: BLSP-KD's student has at most the CIF's `max_tokens`
+    speech positions in a sequence of L, so its branch costs N rows, not L."""
+
+    index: jax.Array
+    scale: jax.Array
+
+
+def lora_rows(lora_mask: jax.Array, capacity: int | None = None) -> LoraRows:
+    """`LoraRows` of `lora_mask [B, L]` with room for `capacity` (default L) non-zero positions
+    per sequence. Positions past the capacity-th would get no PLoRA: the bound is the caller's
+    promise (the student's: the number of speech vectors CIF emits)."""
+    L = lora_mask.shape[1]
+    n = min(L, capacity or L)
+    index = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=L)[0])(lora_mask != 0)
+    index = index.astype(jnp.int32)
+    scale = jnp.take_along_axis(lora_mask, index, axis=1, mode="fill", fill_value=0)
+    return LoraRows(index, scale)
 
 
 def rope_inv_freq(config: LLMConfig) -> np.ndarray:
@@ -96,8 +128,9 @@ class Linear(nn.Module):
     """`y = x W + b`, plus PLoRA `m * (dropout(x) A B) * alpha / r` when `lora_rank > 0`.
 
     Kernel [in, out] with logical names `axes`; LoRA A [in, r] and B [r, out]. LoRA parameters exist
-    whenever `lora_rank > 0`; the LoRA branch is computed only when a `lora_mask [B, L]` is given,
-    and positions where it is 0 get exactly `x W + b`.
+    whenever `lora_rank > 0`; the LoRA branch is computed only when `lora` is given: a mask `m`
+    `[B, L]`, or `LoraRows` built from one. The branch runs on those rows only (gathered, then
+    added back to theirs), and every other position gets exactly `x W + b`.
     """
 
     features: int
@@ -111,7 +144,7 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, lora_mask=None, deterministic=True):
+    def __call__(self, x, lora=None, deterministic=True):
         d_in = x.shape[-1]
         kernel = param(
             self,
@@ -136,15 +169,23 @@ class Linear(nn.Module):
             b = param(
                 self, "lora_b", zeros, (r, self.features), ("lora_rank", ax_out), self.param_dtype
             )
-            if lora_mask is not None:
-                h = x
+            if lora is not None:
+                rows = lora if isinstance(lora, LoraRows) else lora_rows(lora)
+                gather = jax.vmap(lambda v, i: v.at[i].get(mode="fill", fill_value=0))
+                h = gather(x, rows.index)  # [B, N, in]: the rows the branch runs on
                 if not deterministic and self.lora_dropout:
-                    h = dropout(x, self.lora_dropout, self.make_rng("dropout"))
+                    B, L = x.shape[:2]
+                    if B * L * d_in >= 2**32:
+                        raise ValueError(f"dropout: {B * L * d_in} elements; the index is 32 bits")
+                    # The row numbers of x [B, L]: h gets the mask x itself would get.
+                    flat_rows = jnp.arange(B, dtype=jnp.int32)[:, None] * L + rows.index
+                    h = dropout(h, self.lora_dropout, self.make_rng("dropout"), flat_rows)
                 delta = row_dot(row_dot(h, a.astype(self.dtype)), b.astype(self.dtype))
-                m = lora_mask.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
-                # where() rather than a bare product: a zero mask must give x W + b exactly, even
-                # if the LoRA branch held an inf.
-                y = jnp.where(lora_mask[..., None] != 0, y + delta * m, y)
+                m = rows.scale.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
+                # Unused slots index past the end and are dropped: positions off the mask keep
+                # x W + b exactly, even if the branch held an inf there.
+                add = jax.vmap(lambda v, i, u: v.at[i].add(u, mode="drop"))
+                y = add(y, rows.index, delta * m)
         return y
 
 
@@ -168,8 +209,8 @@ class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE, optional q/k norm, and a KV cache.
 
     `x [B, L, H]`, `positions [B, L]`, `mask [B, L, S]` bool (query may see key), `cache_index`
-    int32 scalar (first cache slot written by this call; used only when decoding), `lora_mask
-    [B, L]` or None. With `decode=True` the "cache" collection holds keys and values
+    int32 scalar (first cache slot written by this call; used only when decoding), `lora`
+    (`LoraRows`) or None. With `decode=True` the "cache" collection holds keys and values
     `[B, S, K, Dh]`; S is fixed when the cache is created (see `init_cache`).
 
     `prefix_kv` {"k", "v": [B, P, K, Dh]} (keys after RoPE) are P earlier positions' keys and
@@ -183,12 +224,12 @@ class Attention(nn.Module):
     keep_kv: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index, lora_mask, prefix_kv=None):
+    def __call__(self, x, positions, mask, cache_index, lora, prefix_kv=None):
         c = self.config
         B, L, _ = x.shape
         N, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
         lin = functools.partial(_linear, c)
-        call = lambda mod, h: mod(h, lora_mask, self.deterministic)
+        call = lambda mod, h: mod(h, lora, self.deterministic)
         q = call(lin(N * Dh, ("embed", "heads"), "q", c.qkv_bias, "q_proj"), x)
         k = call(lin(K * Dh, ("embed", "kv_heads"), "k", c.qkv_bias, "k_proj"), x)
         v = call(lin(K * Dh, ("embed", "kv_heads"), "v", c.qkv_bias, "v_proj"), x)
@@ -235,10 +276,10 @@ class MLP(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, lora_mask):
+    def __call__(self, x, lora):
         c = self.config
         lin = functools.partial(_linear, c)
-        call = lambda mod, h: mod(h, lora_mask, self.deterministic)
+        call = lambda mod, h: mod(h, lora, self.deterministic)
         g = call(lin(c.intermediate_size, ("embed", "mlp"), "gate", c.mlp_bias, "gate_proj"), x)
         u = call(lin(c.intermediate_size, ("embed", "mlp"), "up", c.mlp_bias, "up_proj"), x)
         h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("act_batch", "act_len", "act_mlp"))
@@ -255,16 +296,16 @@ class DecoderBlock(nn.Module):
     keep_kv: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index, lora_mask, prefix_kv=None):
+    def __call__(self, x, positions, mask, cache_index, lora, prefix_kv=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="input_norm")(x)
         h = Attention(c, self.decode, self.deterministic, self.keep_kv, name="attn")(
-            h, positions, mask, cache_index, lora_mask, prefix_kv
+            h, positions, mask, cache_index, lora, prefix_kv
         )
         h, kept = h if self.keep_kv else (h, None)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="post_attn_norm")(x)
-        x = x + MLP(c, self.deterministic, name="mlp")(h, lora_mask)
+        x = x + MLP(c, self.deterministic, name="mlp")(h, lora)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
         return x if kept is None else (x, kept)
 
@@ -325,11 +366,14 @@ class LLM(nn.Module):
     """The decoder LLM. `apply({"params": p}, input_ids [B, L])` -> logits `[B, L, V]` (float32).
 
     Call: `(input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-    lora_mask=None, return_hidden=False, deterministic=True, decode=False)`.
+    lora_mask=None, lora_capacity=None, return_hidden=False, deterministic=True, decode=False)`.
     - `attention_mask [B, L]` (1 = token, 0 = padding; left padding for generation).
     - `positions [B, L]` default `cumsum(attention_mask) - 1` clipped at 0 (arange without a mask),
       counted on from the tokens already in the cache when decoding.
     - `lora_mask [B, L]`: PLoRA's per-position switch; None (or zeros) gives the base LLM exactly.
+    - `lora_capacity=N`: at most N positions of a sequence have a non-zero `lora_mask` (default
+      L). PLoRA's branch runs on N gathered rows per sequence rather than on all L (`LoraRows`);
+      a position past the N-th would get none, so N must bound every sequence's count.
     - `return_hidden=True`: the final-norm hidden states `[B, L, H]` instead of logits.
     - `deterministic=False` turns on LoRA dropout (needs the "dropout" rng).
     - `decode=True` with a "cache" collection (`init_cache`, `mutable=["cache"]`): appends this
@@ -365,6 +409,7 @@ class LLM(nn.Module):
         attention_mask=None,
         positions=None,
         lora_mask=None,
+        lora_capacity=None,
         return_hidden=False,
         deterministic=True,
         decode=False,
@@ -422,6 +467,7 @@ class LLM(nn.Module):
         if positions is None:
             positions = default_positions(attention_mask, offset)
         mask = key_mask[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])
+        lora = None if lora_mask is None else lora_rows(lora_mask, lora_capacity)
 
         x = Stack(
             DecoderBlock,
@@ -430,7 +476,7 @@ class LLM(nn.Module):
             scan=c.scan_layers,
             remat=c.remat,
             name="blocks",
-        )(x, positions, mask, cache_index, lora_mask, layer_inputs=prefix_kv)
+        )(x, positions, mask, cache_index, lora, layer_inputs=prefix_kv)
         x, kept = x if keep_kv else (x, None)
         x = self.norm(x)
         if not return_hidden:
