@@ -13,7 +13,7 @@ terms, gradients, updates).
 
     .venv/bin/python benchmarks/train_step.py                  # presets tiny, 100m, smollm2
     .venv/bin/python benchmarks/train_step.py --quick          # their shrunken forms, ~1 min
-    .venv/bin/python benchmarks/train_step.py --ablate         # + JAX recomputing the prefix
+    .venv/bin/python benchmarks/train_step.py --ablate         # + each saving taken back/given
     .venv/bin/python benchmarks/train_step.py --preset gpu     # JAX only, bf16, on an accelerator
     .venv/bin/python benchmarks/train_step.py --preset gpu --quick   # its CPU smoke form
 
@@ -68,7 +68,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--ablate",
         action="store_true",
-        help="also time the JAX step with the student recomputing the prompt prefix",
+        help="also time the JAX step with the student recomputing the prompt prefix, the JAX step "
+        "with PLoRA on every row, and PyTorch eager with PLoRA on the speech rows only",
     )
     return ap.parse_args(argv)
 
@@ -94,7 +95,7 @@ from torch_step import (  # noqa: E402
 )
 
 from blspkd_jax.data.layout import make_batch  # noqa: E402
-from blspkd_jax.models import sharding  # noqa: E402
+from blspkd_jax.models import llm, sharding  # noqa: E402
 from blspkd_jax.models.blspkd import BLSPKD, BLSPKDConfig, param_shapes  # noqa: E402
 from blspkd_jax.training import build, optim, train_state, weights  # noqa: E402
 from blspkd_jax.training import config as config_lib  # noqa: E402
@@ -343,10 +344,14 @@ def random_params(
 # JAX: the project's train step
 
 
-def jax_step(p: Preset, flat_params, batch, mesh=None, shared_prefix: bool = True):
+def jax_step(
+    p: Preset, flat_params, batch, mesh=None, shared_prefix: bool = True, plora_rows: bool = True
+):
     """(compiled step, state, global batch, XLA stats, compile seconds) for preset `p`, its
     parameters set to `flat_params` (host arrays) and the state donated to each step. With
-    `shared_prefix` the student reuses the teacher's prompt prefix, as the trainer does."""
+    `shared_prefix` the student reuses the teacher's prompt prefix, and with `plora_rows` PLoRA's
+    branch runs on the speech rows only, as the trainer does; otherwise on every row (the
+    capacity `llm.lora_rows` gets is ignored while the step is traced)."""
     mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = BLSPKD(p.model)
     step_cfg = train_state.StepConfig(
@@ -359,9 +364,15 @@ def jax_step(p: Preset, flat_params, batch, mesh=None, shared_prefix: bool = Tru
     fn = train_state.make_train_step(model, step_cfg, tx)
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     t0 = time.perf_counter()
-    compiled, stats = train_state.compile_train_step(
-        fn, shardings, mesh, abstract_state, abstract, log=lambda *a: None
-    )
+    own = llm.lora_rows
+    if not plora_rows:
+        llm.lora_rows = lambda mask, capacity=None: own(mask)
+    try:
+        compiled, stats = train_state.compile_train_step(
+            fn, shardings, mesh, abstract_state, abstract, log=lambda *a: None
+        )
+    finally:
+        llm.lora_rows = own
     compile_s = time.perf_counter() - t0
     return compiled, state, sharding.global_batch(mesh, batch), stats, compile_s
 
@@ -438,7 +449,11 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# The --ablate rows: each takes back one of the JAX step's savings, or gives PyTorch one.
 NO_PREFIX = "JAX (jit), prefix recomputed"
+ALL_ROWS = "JAX (jit), PLoRA on every row"
+TORCH_ROWS = "PyTorch eager, PLoRA on speech rows"
+ABLATIONS = (NO_PREFIX, ALL_ROWS, TORCH_ROWS)
 
 
 def run_preset(
@@ -451,8 +466,10 @@ def run_preset(
     log=print,
 ):
     """Time every framework on preset `p`; returns a dict of results for `report`. `ablate` adds
-    the JAX step without the shared prompt prefix (`NO_PREFIX`); `keep_jax` adds the compiled JAX
-    step and a call running it on its latest (donated) state as `res["jax"]`."""
+    `ABLATIONS`: the JAX step without the shared prompt prefix, the JAX step with PLoRA's branch
+    on every row, and PyTorch eager with it on the speech rows only (`_PLoRASwitch.rows`);
+    `keep_jax` adds the compiled JAX step and a call running it on its latest (donated) state as
+    `res["jax"]`."""
     batch, flat = preset_inputs(p)
     shapes = {k: v.shape for k, v in optim.flatten(param_shapes(p.model)).items()}
     trainable, _ = optim.split_trainable(flat, p.trainable)
@@ -475,27 +492,34 @@ def run_preset(
     runners = {"JAX (jit)": jax_fn}
     first = {}
     firsts = {"JAX (jit)": compile_s}
-    if ablate:  # the same step with the student recomputing the prompt prefix
-        compiled0, state0, _, _, compile0 = jax_step(p, flat, batch, shared_prefix=False)
-        box0 = {"state": state0}
+    if ablate:
+        for label, kw in (
+            (NO_PREFIX, dict(shared_prefix=False)),
+            (ALL_ROWS, dict(plora_rows=False)),
+        ):
+            compiled0, state0, _, _, compile0 = jax_step(p, flat, batch, **kw)
+            box0 = {"state": state0}
 
-        def jax_full_fn():
-            box0["state"], m = compiled0(box0["state"], gbatch, rng)
-            jax.block_until_ready((box0["state"], m))
-            return m
+            def jax_ablated_fn(box0=box0, compiled0=compiled0):
+                box0["state"], m = compiled0(box0["state"], gbatch, rng)
+                jax.block_until_ready((box0["state"], m))
+                return m
 
-        runners[NO_PREFIX] = jax_full_fn
-        firsts[NO_PREFIX] = compile0
+            runners[label] = jax_ablated_fn
+            firsts[label] = compile0
     tmp = contextlib.ExitStack()
     if p.torch:
         torch_dir = tmp.enter_context(tempfile.TemporaryDirectory())
         paths = torch_param_paths(p.model, shapes)
         tb = torch_batch(batch)
-        kinds = {"PyTorch eager": False}
+        kinds = {"PyTorch eager": (False, False)}  # (torch.compile, PLoRA rows)
         if compile_torch:
-            kinds["PyTorch torch.compile"] = True
-        for label, comp in kinds.items():
-            model = export_torch(p.model, flat, Path(torch_dir) / label.split()[-1])
+            kinds["PyTorch torch.compile"] = (True, False)
+        if ablate:
+            kinds[TORCH_ROWS] = (False, True)
+        for i, (label, (comp, rows)) in enumerate(kinds.items()):
+            model = export_torch(p.model, flat, Path(torch_dir) / str(i))
+            model._plora.rows = rows
             step = TorchTrainStep(model, paths, set(trainable), p.loss, **p.optim, compile=comp)
             runners[label] = lambda step=step: step(tb)
     del flat, trainable
@@ -533,13 +557,16 @@ def run_preset(
 
 
 def step_ms(res: dict) -> dict[str, float]:
-    """{"jax_ms", "eager_ms", "compile_ms", "jax_prefix_recomputed_ms"}: the median step times of
+    """{"jax_ms", "eager_ms", "compile_ms", and with --ablate "jax_prefix_recomputed_ms",
+    "jax_plora_every_row_ms", "eager_plora_speech_rows_ms"}: the median step times of
     `run_preset`'s result, for the frameworks that ran."""
     labels = {
         "jax_ms": "JAX (jit)",
         "eager_ms": "PyTorch eager",
         "compile_ms": "PyTorch torch.compile",
         "jax_prefix_recomputed_ms": NO_PREFIX,
+        "jax_plora_every_row_ms": ALL_ROWS,
+        "eager_plora_speech_rows_ms": TORCH_ROWS,
     }
     rows = res["rows"]
     return {k: rows[v]["time"] * 1e3 for k, v in labels.items() if "time" in rows.get(v, {})}
@@ -584,9 +611,9 @@ def report(res: dict, peak: float, peak_label: str, nominal: float | None = None
     if len(losses) > 1:
         names = [k for k in losses["JAX (jit)"]]
         others = [k for k in losses if k != "JAX (jit)"]
-        # The ablation row computes the same losses; the table compares frameworks.
-        losses = {k: v for k, v in losses.items() if k != NO_PREFIX}
-        others = [k for k in others if k != NO_PREFIX]
+        # The ablation rows compute the same losses; the table compares frameworks.
+        losses = {k: v for k, v in losses.items() if k not in ABLATIONS}
+        others = [k for k in others if k not in ABLATIONS]
         lines += ["", "| first-step loss | " + " | ".join(losses) + " | max abs diff |"]
         lines.append("|---|" + "---|" * (len(losses) + 1))
         for name in names:

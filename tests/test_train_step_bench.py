@@ -60,10 +60,13 @@ def _jax_losses_and_grads(cfg, trainable, frozen, batch):
     return metrics, grads
 
 
-def test_losses_and_gradients_equal_jax(setup):
+@pytest.mark.parametrize("plora_rows", [False, True])
+def test_losses_and_gradients_equal_jax(setup, plora_rows):
+    """Also with the PyTorch PLoRA branch computed at the speech rows only (`--ablate`)."""
     bench, cfg, flat, trainable, frozen, batch, paths, torch_step = setup
     metrics, grads = _jax_losses_and_grads(cfg, trainable, frozen, batch)
     step = torch_step()
+    step.model._plora.rows = plora_rows
     total, terms = bench.torch_losses(step.model, bench.torch_batch(batch), LOSS)
     assert set(terms) == {"input_kl", "response_kl", "response_ce", "cif"}
     for name, value in terms.items():

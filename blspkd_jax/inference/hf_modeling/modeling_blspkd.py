@@ -149,12 +149,17 @@ class PLoRA(nn.Module):
 
 
 class _PLoRASwitch:
-    """The per-position PLoRA mask [B, L] shared by every hook; None = base LLM exactly."""
+    """The per-position PLoRA mask [B, L] shared by every hook; None = base LLM exactly.
+
+    `rows = True` computes each branch at the mask's positions only (boolean indexing: shapes
+    that change with the batch, for eager training) instead of at every position and then
+    selecting; the outputs are the same."""
 
     def __init__(self):
-        # An instance attribute from the start: torch.compile guards on this object's __dict__,
+        # Instance attributes from the start: torch.compile guards on this object's __dict__,
         # and a first assignment after tracing would force a recompile.
         self.mask: torch.Tensor | None = None
+        self.rows = False
 
 
 @dataclass
@@ -221,10 +226,13 @@ class BLSPKDModel(BLSPKDPreTrainedModel):
         switch = self._plora
 
         def hook(module, args, output):
-            if switch.mask is None:
+            mask = switch.mask
+            if mask is None:
                 return output
+            if switch.rows:
+                return output.index_put((mask,), output[mask] + branch(args[0][mask]))
             # where(), not a product: a position with the switch off gets exactly W x + b.
-            return torch.where(switch.mask[..., None], output + branch(args[0]), output)
+            return torch.where(mask[..., None], output + branch(args[0]), output)
 
         return hook
 
