@@ -570,16 +570,14 @@ def test_lora_capacity_changes_only_the_cost(lora_model):
         )
         return jnp.sum(hidden * ct), hidden
 
-    def run(capacity):
+    def run(capacity, lora):
         return jax.jit(jax.value_and_grad(functools.partial(loss, capacity), (0, 1), True))(
             lora, embeds
         )
 
-    (_, got), g_got = run(4)
-    (_, want), g_want = run(None)
-    (_, off), _ = jax.jit(jax.value_and_grad(functools.partial(loss, 4), (0, 1), True))(
-        jax.tree.map(jnp.zeros_like, lora), embeds
-    )
+    (_, got), g_got = run(4, lora)
+    (_, want), g_want = run(None, lora)
+    (_, off), _ = run(4, jax.tree.map(jnp.zeros_like, lora))
     assert float(jnp.abs(got - off).max()) > 1e-2  # the branch (and its dropout) did something
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
@@ -591,7 +589,7 @@ def test_lora_projection_formula():
     x = jax.random.normal(jax.random.key(0), (2, 5, 4))
     p = {**_linear_with_b(lin, x), "bias": jnp.ones(6)}
     m = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], np.float32)
-    y = np.asarray(jax.jit(lin.apply)({"params": p}, x, jnp.asarray(m)))
+    y = np.asarray(jax.jit(lin.apply)({"params": p}, x, llm.lora_rows(jnp.asarray(m))))
     xn = np.asarray(x, np.float64)
     base = xn @ np.asarray(p["kernel"]) + 1.0
     delta = xn @ np.asarray(p["lora_a"]) @ np.asarray(p["lora_b"]) * (6.0 / 3)
@@ -672,11 +670,12 @@ def test_lora_dropout_only_when_not_deterministic():
     x = jax.random.normal(jax.random.key(0), (2, 5, 4))
     p = _linear_with_b(lin, x)
     m = jnp.asarray([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], jnp.float32)
+    rows = llm.lora_rows(m)
     # Weights and inputs are arguments, not closure constants: XLA would otherwise fold x W at
     # compile time, differently from the reference program below.
     run = jax.jit(
         lambda det, seed, p, x: lin.apply(
-            {"params": p}, x, m, det, rngs={"dropout": jax.random.key(seed)}
+            {"params": p}, x, rows, det, rngs={"dropout": jax.random.key(seed)}
         ),
         static_argnums=0,
     )
@@ -690,7 +689,7 @@ def test_lora_dropout_only_when_not_deterministic():
     no_lora = np.asarray(jax.jit(lin.apply)({"params": p}, x))
     np.testing.assert_array_equal(drop5[~on], no_lora[~on])
     with pytest.raises(Exception, match="dropout"):  # training mode needs the "dropout" rng
-        lin.apply({"params": p}, x, m, False)
+        lin.apply({"params": p}, x, rows, False)
 
 
 def test_dropout_of_gathered_rows_is_the_whole_arrays_mask():

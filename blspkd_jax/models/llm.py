@@ -128,9 +128,9 @@ class Linear(nn.Module):
     """`y = x W + b`, plus PLoRA `m * (dropout(x) A B) * alpha / r` when `lora_rank > 0`.
 
     Kernel [in, out] with logical names `axes`; LoRA A [in, r] and B [r, out]. LoRA parameters exist
-    whenever `lora_rank > 0`; the LoRA branch is computed only when `lora` is given: a mask `m`
-    `[B, L]`, or `LoraRows` built from one. The branch runs on those rows only (gathered, then
-    added back to theirs), and every other position gets exactly `x W + b`.
+    whenever `lora_rank > 0`; the LoRA branch is computed only when `lora` (`LoraRows`, built
+    from a mask `m [B, L]` by `lora_rows`) is given. The branch runs on those rows only
+    (gathered, then added back to theirs), and every other position gets exactly `x W + b`.
     """
 
     features: int
@@ -170,22 +170,21 @@ class Linear(nn.Module):
                 self, "lora_b", zeros, (r, self.features), ("lora_rank", ax_out), self.param_dtype
             )
             if lora is not None:
-                rows = lora if isinstance(lora, LoraRows) else lora_rows(lora)
                 gather = jax.vmap(lambda v, i: v.at[i].get(mode="fill", fill_value=0))
-                h = gather(x, rows.index)  # [B, N, in]: the rows the branch runs on
+                h = gather(x, lora.index)  # [B, N, in]: the rows the branch runs on
                 if not deterministic and self.lora_dropout:
                     B, L = x.shape[:2]
                     if B * L * d_in >= 2**32:
                         raise ValueError(f"dropout: {B * L * d_in} elements; the index is 32 bits")
                     # The row numbers of x [B, L]: h gets the mask x itself would get.
-                    flat_rows = jnp.arange(B, dtype=jnp.int32)[:, None] * L + rows.index
+                    flat_rows = jnp.arange(B, dtype=jnp.int32)[:, None] * L + lora.index
                     h = dropout(h, self.lora_dropout, self.make_rng("dropout"), flat_rows)
                 delta = row_dot(row_dot(h, a.astype(self.dtype)), b.astype(self.dtype))
-                m = rows.scale.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
+                m = lora.scale.astype(self.dtype)[..., None] * (self.lora_alpha / self.lora_rank)
                 # Unused slots index past the end and are dropped: positions off the mask keep
                 # x W + b exactly, even if the branch held an inf there.
                 add = jax.vmap(lambda v, i, u: v.at[i].add(u, mode="drop"))
-                y = add(y, rows.index, delta * m)
+                y = add(y, lora.index, delta * m)
         return y
 
 
