@@ -13,6 +13,7 @@ but each is an estimate, not a trace.
     .venv/bin/python benchmarks/step_parts.py --preset 100m --quick
     .venv/bin/python benchmarks/step_parts.py --matmuls   # one linear layer's three products
     .venv/bin/python benchmarks/step_parts.py --dropout --preset tiny   # PLoRA dropout's cost
+    .venv/bin/python benchmarks/step_parts.py --attention   # one attention layer, three ways
 
 Times are medians of `--repeats` calls after one warm-up, all programs of both frameworks
 interleaved. The last line printed is one JSON object: {"PRESET": {"jax": {PART: ms}, "eager":
@@ -56,7 +57,7 @@ from train_step import (  # noqa: E402
     preset_inputs,
 )
 
-from blspkd_jax.models import llm  # noqa: E402
+from blspkd_jax.models import layers, llm  # noqa: E402
 from blspkd_jax.models.blspkd import BLSPKD  # noqa: E402
 from blspkd_jax.training import optim, train_state  # noqa: E402
 from blspkd_jax.training.objective import compute_losses  # noqa: E402
@@ -278,6 +279,108 @@ def report_matmuls(rows: int, d_in: int, d_out: int, times: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def attention_shapes(name: str, quick: bool) -> dict:
+    """{layer: (B, T, heads, kv heads, Dh, causal)}: one attention layer of each kind in preset
+    `name` at its batch (encoder and the CFormer's first layer over the encoder frames, the LLM
+    over the longest token bucket)."""
+    p = preset(name, quick)
+    enc, ada, lm = p.model.encoder, p.model.adapter, p.model.llm
+    B, frames, tokens = p.batch.batch, p.batch.frames // 2, p.batch.tokens
+    lm_dh = lm.head_dim or lm.hidden_size // lm.num_heads
+    heads = enc.encoder_attention_heads
+    return {
+        "encoder": (B, frames, heads, heads, enc.d_model // heads, False),
+        "CFormer (before CIF)": (
+            B,
+            frames,
+            ada.num_heads,
+            ada.num_heads,
+            ada.d_model // ada.num_heads,
+            False,
+        ),
+        "LLM": (B, tokens, lm.num_heads, lm.num_kv_heads or lm.num_heads, lm_dh, True),
+    }
+
+
+def _attention_grad(attend, args):
+    """A call of the jitted gradients of `sum(attend(q, k, v, mask) * g)` into q, k, v at
+    `args = (q, k, v, mask, g)`. The value is returned too: in a model the output feeds the next
+    layer, and without it XLA may fuse the output's product into the backward's consumers."""
+
+    def loss(q, k, v, mask, g):
+        return jnp.sum(attend(q, k, v, mask) * g)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return lambda: grad(*args)[1]
+
+
+def time_attention(name: str, quick: bool, repeats: int, log=print) -> dict:
+    """{(layer, variant): seconds}: forward and backward of one float32 attention layer of preset
+    `name` (`attention_shapes`), gradients into q, k and v, with padded keys (lengths drawn in
+    [T/2, T]) and, in the LLM, the causal mask: autodiff of `jax.nn.dot_product_attention`'s XLA
+    path (the project's kernel before `layers._attend`), `layers.attention` (ours: `_attend` and
+    its written-out VJP), and PyTorch eager's `scaled_dot_product_attention`. Calls interleaved."""
+    rs = np.random.RandomState(0)
+    programs = {}
+    for layer, (B, T, N, K, Dh, causal) in attention_shapes(name, quick).items():
+        q, g = (rs.standard_normal((B, T, N, Dh)).astype(np.float32) for _ in range(2))
+        k, v = (rs.standard_normal((B, T, K, Dh)).astype(np.float32) for _ in range(2))
+        valid = np.arange(T)[None, :] < rs.randint(T // 2, T + 1, B)[:, None]
+        mask = valid[:, None, None, :]
+        if causal:
+            mask = mask & np.tril(np.ones((T, T), bool))
+        jargs = jax.device_put((q, k, v, mask, g))
+
+        tq, tk, tv = (torch.from_numpy(a).transpose(1, 2).requires_grad_() for a in (q, k, v))
+        tmask, tg = torch.from_numpy(mask), torch.from_numpy(g).transpose(1, 2)
+
+        def torch_program(tq=tq, tk=tk, tv=tv, tmask=tmask, tg=tg, gqa=N != K):
+            tq.grad = tk.grad = tv.grad = None
+            o = torch.nn.functional.scaled_dot_product_attention(
+                tq, tk, tv, attn_mask=tmask, enable_gqa=gqa
+            )
+            (o * tg).sum().backward()
+            return tq.grad.detach().transpose(1, 2)
+
+        xla = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+        programs[(layer, "jax.nn.dot_product_attention")] = _attention_grad(xla, jargs)
+        programs[(layer, "ours")] = _attention_grad(layers.attention, jargs)
+        programs[(layer, "PyTorch eager SDPA")] = torch_program
+        log(f"[{name}] {layer}: B={B} T={T} heads={N}/{K} Dh={Dh}{' causal' if causal else ''}")
+    times = {k: [] for k in programs}
+    for i in range(repeats + 1):  # the first round warms up (and compiles)
+        for k, fn in programs.items():
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            if i:
+                times[k].append(time.perf_counter() - t0)
+            elif k[1] != "ours":  # the three compute the same dq
+                dq = np.asarray(out if k[1] == ATTENTION_VARIANTS[2] else out[0])
+                ours = np.asarray(programs[(k[0], "ours")]()[0])
+                np.testing.assert_allclose(ours, dq, atol=1e-4 * np.abs(dq).max(), err_msg=k)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report_attention(name: str, times: dict) -> str:
+    lines = [
+        f"### {name}: one attention layer, forward and backward (float32)",
+        "",
+        "| layer | jax.nn.dot_product_attention ms | ours ms | PyTorch eager SDPA ms | "
+        "jax.nn / ours | eager / ours |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for layer in dict.fromkeys(k[0] for k in times):
+        a, o, t = (times[(layer, v)] for v in ATTENTION_VARIANTS)
+        lines.append(
+            f"| {layer} | {a * 1e3:.2f} | {o * 1e3:.2f} | {t * 1e3:.2f} | {a / o:.2f} | "
+            f"{t / o:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+ATTENTION_VARIANTS = ("jax.nn.dot_product_attention", "ours", "PyTorch eager SDPA")
+
+
 def report(name: str, parts: dict) -> str:
     jx, eager = parts["jax"], parts["eager"]
     lines = [
@@ -310,6 +413,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="only time the whole JAX step with PLoRA dropout three ways (ours, flax's, none)",
     )
+    ap.add_argument(
+        "--attention",
+        action="store_true",
+        help="only time one attention layer of each kind three ways (jax.nn, ours, PyTorch SDPA)",
+    )
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -325,6 +433,13 @@ def main(argv=None) -> int:
         results = {name: time_dropout(name, args.quick, repeats) for name in names}
         render, what = report_dropout, "steps, variants interleaved"
         summary = {n: {v: round(t * 1e3, 1) for v, t in d.items()} for n, d in results.items()}
+    elif args.attention:
+        results = {name: time_attention(name, args.quick, repeats) for name in names}
+        render, what = report_attention, "calls, all layers and variants interleaved"
+        summary = {
+            n: {f"{layer} / {v}": round(t * 1e3, 2) for (layer, v), t in d.items()}
+            for n, d in results.items()
+        }
     else:
         results = {name: time_parts(name, args.quick, repeats) for name in names}
         render, what = report, "calls, all programs interleaved"

@@ -1,6 +1,7 @@
 """The Whisper encoder against transformers' WhisperEncoder, and its checkpoint round trip."""
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -274,3 +275,26 @@ def test_blocked_attention_matches_transformers(hf80, monkeypatch):
     np.testing.assert_allclose(padded[0], ours[0], atol=1e-5)
     alone = np.asarray(apply({"params": params}, x[1:, :, :40]))
     np.testing.assert_allclose(padded[1, :20], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_and_its_derivative_match_float64(dtype):
+    # The exact GELU x * Phi(x) and its written-out derivative Phi(x) + x * phi(x), against the
+    # formulas in float64 (math.erf), over the range where erf saturates and where it does not.
+    x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-30, -1e-30]])
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)  # representable
+    erf = np.vectorize(math.erf)
+    cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
+    value, slope = x * cdf, cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    xj = jnp.asarray(x, dtype)
+    y, dy = jax.jvp(encoder.gelu, (xj,), (jnp.ones_like(xj),))
+    grad = jax.vmap(jax.grad(lambda a: encoder.gelu(a).astype(jnp.float32)))(xj)
+    assert y.dtype == dy.dtype == grad.dtype == jnp.dtype(dtype)
+    tol = 1e-6 if dtype == "float32" else 8e-3  # bf16: the result rounded once
+    for ours, ref in ((y, value), (dy, slope), (grad, slope)):
+        err = np.abs(np.asarray(ours.astype(jnp.float32), np.float64) - ref)
+        assert (err <= tol * np.maximum(1.0, np.abs(ref))).all(), err.max()
+    # torch's exact GELU (what the exported model runs) agrees to float32 rounding.
+    tx = torch.tensor(x, dtype=torch.float32)
+    if dtype == "float32":
+        np.testing.assert_allclose(y, torch.nn.functional.gelu(tx).numpy(), rtol=1e-6, atol=1e-6)

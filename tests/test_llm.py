@@ -755,7 +755,7 @@ def test_lora_branch_on_gathered_rows_is_the_full_row_formula(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention through jax.nn.dot_product_attention, in query blocks.
+# Attention: `_attend` (its VJP written out) in query blocks; cuDNN's through jax.nn on a GPU.
 
 
 def _attention_reference(q, k, v, mask, scale):
@@ -805,6 +805,51 @@ def test_attention_blocks_match_the_formula(per_query):
     for a, b in zip(grads[4], grads[64], strict=True):  # nor do blocks and remat change grads
         np.testing.assert_allclose(a, b, atol=2e-6)
     assert np.abs(np.asarray(grads[64][0])).max() > 0.1  # the gradients are not trivially zero
+
+
+def _attention_autograd(q, k, v, mask, scale, cotangent):
+    """Output and (dq, dk, dv) of `sum(attention * cotangent)` by torch autograd in float64: an
+    independent check of `_attend`'s written-out VJP. A masked score is replaced (masked_fill), so
+    it has no gradient, even in a row with no allowed key."""
+    tq, tk, tv = (torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    kr, vr = (a.repeat_interleave(G, dim=2) for a in (tk, tv))
+    s = torch.einsum("btnd,bsnd->bnts", tq, kr) * scale
+    s = s.masked_fill(~torch.tensor(np.broadcast_to(mask, s.shape)), -1e300)
+    o = torch.einsum("bnts,bsnd->btnd", s.softmax(-1), vr)
+    (o * torch.tensor(np.asarray(cotangent, np.float64))).sum().backward()
+    return o.detach().numpy(), [a.grad.numpy() for a in (tq, tk, tv)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_attention_gradients_match_float64_autograd(dtype, scale):
+    # GQA (3 query heads per key head), per-query causal mask with left padding (example 1's
+    # first 3 queries see no key), blocks of 4 over 11 queries (ragged last block).
+    rng = np.random.RandomState(1)
+    B, T, N, K, Dh = 2, 11, 6, 2, 8
+    q, k, v, ct = (rng.randn(B, T, h, Dh).astype(np.float32) for h in (N, K, K, N))
+    valid = np.arange(T)[None, :] >= np.array([0, 3])[:, None]
+    mask = valid[:, None, None, :] & (np.arange(T)[None, :] <= np.arange(T)[:, None])
+    dt = jnp.dtype(dtype)
+    q, k, v, ct = (np.asarray(jnp.asarray(a, dt).astype(jnp.float32)) for a in (q, k, v, ct))
+    ref_out, ref_grads = _attention_autograd(
+        q, k, v, mask, Dh**-0.5 if scale is None else scale, ct
+    )
+
+    def loss(q, k, v):
+        o = layers.attention(q, k, v, jnp.asarray(mask), scale=scale, query_block=4)
+        return jnp.sum(o.astype(jnp.float32) * ct), o
+
+    args = (jnp.asarray(a, dt) for a in (q, k, v))
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+    assert out.dtype == dt and all(g.dtype == dt for g in grads)
+    tol = 2e-6 if dtype == "float32" else 3e-2  # bf16: the products' inputs and outputs rounded
+    for ours, ref in zip([out, *grads], [ref_out, *ref_grads], strict=True):
+        ours = np.asarray(jnp.asarray(ours, jnp.float32))
+        assert np.abs(ours - ref).max() <= tol * max(1.0, np.abs(ref).max())
+    assert np.abs(ref_grads[0][1, :3]).max() == 0  # no gradient to queries that see no key
+    np.testing.assert_array_equal(np.asarray(grads[0], np.float32)[1, :3], 0)
 
 
 def test_attention_implementation_choice():

@@ -9,6 +9,7 @@ looped ones live under `layers_0 ... layers_{n-1}`; `stack_layers`/`unstack_laye
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,23 +113,91 @@ def _platform() -> tuple[str, str | None]:
     return dev.platform, None
 
 
+# What a masked score becomes: finite, so a row with no allowed key is uniform (the mean of v),
+# never NaN; jax.nn.dot_product_attention's fill too.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, mask, scale, groups):
+    """Head-major attention with its VJP written out: `q [B, K, G*T, Dh]` (the G query heads of
+    each key/value head stacked along rows), `k`, `v [B, K, S, Dh]`, `mask` bool `[Bm, Km, Gm, Tm,
+    S]` (each of Bm, Km, Gm, Tm 1 or full) or None -> `[B, K, G*T, Dh]`.
+
+    Why not autodiff of jax.nn.dot_product_attention: on CPU its [B, T, N, Dh] operands and the
+    transposes autodiff adds around the score products made the encoder's attention the largest
+    non-matmul cost of a step; here every product is a plain batched matmul over (B, K), and the
+    backward is the textbook one, `dS = P * (dP - rowsum(dO * O))`, with no extra layout copies
+    (benchmarks/step_parts.py --attention: 3x faster fwd+bwd at the tiny preset's encoder)."""
+    return _attend_fwd(q, k, v, mask, scale, groups)[0]
+
+
+def _attend_fwd(q, k, v, mask, scale, groups):
+    B, K, GT, _ = q.shape
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    s = s * jnp.float32(scale) if scale != 1.0 else s
+    if mask is not None:  # adding 0 keeps an allowed score exact; a bias fuses better than select
+        s = s.reshape(B, K, groups, GT // groups, -1) + jnp.where(mask, 0.0, _MASKED)
+        s = s.reshape(B, K, GT, -1)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    p = e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+    o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    seen = None if mask is None else jnp.any(mask, axis=-1, keepdims=True)  # [Bm, Km, Gm, Tm, 1]
+    return o.astype(v.dtype), (q, k, v, seen, p, o)
+
+
+def _attend_bwd(scale, groups, res, do):
+    q, k, v, seen, p, o = res
+    dv = jnp.einsum("bkqs,bkqd->bksd", p.astype(do.dtype), do)  # sums the G heads of a key head
+    dp = jnp.einsum("bkqd,bksd->bkqs", do, v, preferred_element_type=jnp.float32)
+    # rowsum(P * dP) = rowsum(dO * O): a [.., Dh] sum instead of a [.., S] one (o kept in float32).
+    delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1, keepdims=True)
+    ds = (p * (dp - delta)).astype(q.dtype)
+
+    def seen_rows(x):  # x [B, K, G*T, Dh] with the rows of queries that see no key zeroed
+        B, K, GT, Dh = x.shape
+        x = x.reshape(B, K, groups, GT // groups, Dh)
+        return jnp.where(seen, x, jnp.zeros((), x.dtype)).reshape(B, K, GT, Dh)
+
+    # A masked score is replaced, so it has no gradient. In a row with an allowed key P, and so
+    # dS, is exactly 0 there (exp of about -2e38); a row with none (uniform P) is left out through
+    # its q and dq rows: [T, Dh] selects, where one on dS [T, S] made XLA:CPU's backward 2x slower.
+    if seen is not None:
+        q = seen_rows(q)
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k)
+    dk = jnp.einsum("bkqs,bkqd->bksd", ds, q)
+    if seen is not None:
+        dq = seen_rows(dq)
+    # The scale goes on dq and dk, not on dS: a [T, Dh] multiply instead of a [T, S] one (with
+    # one on the scores and one on dS XLA:CPU fused the products' neighbours 2x slower).
+    if scale != 1.0:
+        dq, dk = dq * jnp.asarray(scale, dq.dtype), dk * jnp.asarray(scale, dk.dtype)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None):
-    """`softmax(q k^T * scale, where mask) v` through `jax.nn.dot_product_attention`.
+    """`softmax(q k^T * scale, where mask) v`.
 
     `q [B, T, N, Dh]`, `k`, `v [B, S, K, Dh]` (N a multiple of K: grouped-query attention), all
-    one dtype; `mask` bool broadcastable to `[B, 1, T, S]` (True = may attend) or None; `scale`
-    default `Dh**-0.5`; `causal=True` only says the mask already holds the top-left causal
-    pattern (T == S), which lets cuDNN skip the blocks above the diagonal. Returns `[B, T, N, Dh]`.
+    one dtype; `mask` bool broadcastable to `[B, 1, T, S]` or `[B, N, T, S]` (True = may attend)
+    or None; `scale` default `Dh**-0.5`; `causal=True` only says the mask already holds the
+    top-left causal pattern (T == S), which lets cuDNN skip the blocks above the diagonal.
+    Returns `[B, T, N, Dh]`.
 
     Scores and softmax are float32 whatever the input dtype. A query row whose mask is all False
     gets the mean of `v` (finite, never NaN), as with a finite fill. On a CUDA GPU cuDNN's flash
-    kernel runs when it takes the inputs (`attention_implementation`); elsewhere XLA's path runs
-    over blocks of `query_block` (default `ATTENTION_QUERY_BLOCK`) query rows, each block
+    kernel runs through `jax.nn.dot_product_attention` when it takes the inputs
+    (`attention_implementation`); elsewhere `_attend` (plain XLA, head-major, its VJP written out)
+    runs over blocks of `query_block` (default `ATTENTION_QUERY_BLOCK`) query rows, each block
     rematerialised in the backward pass, so the scores held at once are one block's, not
     `[B, N, T, S]` (benchmarks/forward.py --memory).
     """
     B, T, N, Dh = q.shape
-    S = k.shape[1]
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
     scale = Dh**-0.5 if scale is None else scale
     if mask is not None:
         mask = jnp.asarray(mask, jnp.bool_)
@@ -143,11 +212,18 @@ def attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None)
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
         )
+    if mask is not None:  # [Bm, Nm, Tm, S] -> [Bm, Km, Gm, Tm, S], matching q's head split
+        Bm, Nm, Tm, _ = mask.shape
+        mask = mask.reshape(Bm, K, G, Tm, S) if Nm == N and N > 1 else mask[:, :, None]
+    kh, vh = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # [B, K, S, Dh]
 
-    def one(qb, mb):  # qb [B, t, N, Dh], mb [Bm, Nm, t or 1, S] or None
+    def one(qb, mb):  # qb [B, t, N, Dh], mb [Bm, Km, Gm, t or 1, S] or None
         # Keeps each block split like the whole (batch over data x fsdp, heads over tensor).
         qb = nn.with_logical_constraint(qb, ("act_batch", "act_len", "act_heads", None))
-        return jax.nn.dot_product_attention(qb, k, v, mask=mb, scale=scale, implementation="xla")
+        t = qb.shape[1]
+        qh = qb.reshape(B, t, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * t, Dh)
+        o = _attend(qh, kh, vh, mb, scale, G)
+        return o.reshape(B, K, G, t, Dh).transpose(0, 3, 1, 2, 4).reshape(B, t, N, Dh)
 
     block = query_block or ATTENTION_QUERY_BLOCK
     if block >= T:
@@ -157,9 +233,9 @@ def attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None)
     # Padded query rows are dropped again below; they only make the blocks equal in size.
     qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, block, N, Dh)
     qs = jnp.moveaxis(qs, 1, 0)  # [n, B, block, N, Dh]
-    if mask is not None and mask.shape[2] == T:
-        mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-        mb = jnp.moveaxis(mb.reshape(*mask.shape[:2], n, block, S), 2, 0)
+    if mask is not None and mask.shape[3] == T:
+        mb = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad), (0, 0)), constant_values=True)
+        mb = jnp.moveaxis(mb.reshape(*mask.shape[:3], n, block, S), 3, 0)
         out = jax.lax.map(jax.checkpoint(lambda a: one(*a)), (qs, mb))
     else:  # no mask, or one row for every query: shared by all blocks
         out = jax.lax.map(jax.checkpoint(lambda qb: one(qb, mask)), qs)
