@@ -878,6 +878,7 @@ def test_blocked_attention_matches_transformers(saved, monkeypatch):
     path, model = saved["llama_gqa_llama3"]
     module, params = hf.load_llm(path)
     monkeypatch.setattr(layers, "ATTENTION_QUERY_BLOCK", 5)
+    monkeypatch.setattr(layers, "ATTENTION_BLOCKED_ABOVE", 0)
     ids = _ids(0, (2, 12))
     mask = np.ones((2, 12), np.int32)
     mask[1, :3] = 0

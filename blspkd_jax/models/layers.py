@@ -74,8 +74,13 @@ def dense(features, names, dtype, param_dtype, name, use_bias=True):
 
 # Query rows per block on the XLA attention path: one block's float32 scores are
 # [B, heads, ATTENTION_QUERY_BLOCK, S] rather than [B, heads, T, S] (Whisper-large at T=1500 and 24
-# examples: 0.7 GB instead of 4.3 GB a layer). 256 was the fastest of 128/256/512 on CPU too.
+# examples: 0.7 GB instead of 4.3 GB a layer). 256 was the fastest of 128/256/512 there on CPU.
 ATTENTION_QUERY_BLOCK = 256
+# Blocks only pay off where the scores are large: a call whose whole float32 scores [B, heads, T,
+# S] (global shapes, so at least one device's share) fit in this many bytes runs in one block,
+# since blocking costs the forward pass again in the backward and pads the last block (2x the
+# layer's time at the 100m preset's T=400, benchmarks/step_parts.py --attention).
+ATTENTION_BLOCKED_ABOVE = 64 << 20
 
 
 def attention_implementation(
@@ -191,9 +196,10 @@ def attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None)
     gets the mean of `v` (finite, never NaN), as with a finite fill. On a CUDA GPU cuDNN's flash
     kernel runs through `jax.nn.dot_product_attention` when it takes the inputs
     (`attention_implementation`); elsewhere `_attend` (plain XLA, head-major, its VJP written out)
-    runs over blocks of `query_block` (default `ATTENTION_QUERY_BLOCK`) query rows, each block
-    rematerialised in the backward pass, so the scores held at once are one block's, not
-    `[B, N, T, S]` (benchmarks/forward.py --memory).
+    runs over blocks of `query_block` query rows, each block rematerialised in the backward pass,
+    so the scores held at once are one block's, not `[B, N, T, S]` (benchmarks/forward.py
+    --memory). Without `query_block`: blocks of `ATTENTION_QUERY_BLOCK` where the whole scores
+    would take more than `ATTENTION_BLOCKED_ABOVE` bytes, one block otherwise.
     """
     B, T, N, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -226,7 +232,7 @@ def attention(q, k, v, mask=None, *, scale=None, causal=False, query_block=None)
         return o.reshape(B, K, G, t, Dh).transpose(0, 3, 1, 2, 4).reshape(B, t, N, Dh)
 
     block = query_block or ATTENTION_QUERY_BLOCK
-    if block >= T:
+    if block >= T or (query_block is None and 4 * B * N * T * S <= ATTENTION_BLOCKED_ABOVE):
         return one(q, mask)
     n = -(-T // block)
     pad = n * block - T
