@@ -279,6 +279,9 @@ def report_matmuls(rows: int, d_in: int, d_out: int, times: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ATTENTION_VARIANTS = ("jax.nn.dot_product_attention", "ours", "PyTorch eager SDPA")
+
+
 def attention_shapes(name: str, quick: bool) -> dict:
     """{layer: (B, T, heads, kv heads, Dh, causal)}: one attention layer of each kind in preset
     `name` at its batch (encoder and the CFormer's first layer over the encoder frames, the LLM
@@ -376,9 +379,6 @@ def report_attention(name: str, times: dict) -> str:
             f"{t / o:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-ATTENTION_VARIANTS = ("jax.nn.dot_product_attention", "ours", "PyTorch eager SDPA")
 
 
 def report(name: str, parts: dict) -> str:

@@ -133,7 +133,7 @@ def _attend(q, k, v, mask, scale, groups):
     transposes autodiff adds around the score products made the encoder's attention the largest
     non-matmul cost of a step; here every product is a plain batched matmul over (B, K), and the
     backward is the textbook one, `dS = P * (dP - rowsum(dO * O))`, with no extra layout copies
-    (benchmarks/step_parts.py --attention: 3x faster fwd+bwd at the tiny preset's encoder)."""
+    (benchmarks/step_parts.py --attention: forward and backward 1.7-2.4x faster, BENCHMARKS.md)."""
     return _attend_fwd(q, k, v, mask, scale, groups)[0]
 
 
