@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from forward import cpu_model  # noqa: E402
+from forward import cpu_model, jax_nn_attention  # noqa: E402
 from torch_step import (  # noqa: E402
     TorchTrainStep,
     export_torch,
@@ -343,24 +343,26 @@ def time_attention(name: str, quick: bool, repeats: int, log=print) -> dict:
                 tq, tk, tv, attn_mask=tmask, enable_gqa=gqa
             )
             (o * tg).sum().backward()
-            return tq.grad.detach().transpose(1, 2)
+            return (tq.grad.detach().transpose(1, 2),)  # dq first, as the JAX programs
 
-        xla = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
-        programs[(layer, "jax.nn.dot_product_attention")] = _attention_grad(xla, jargs)
+        programs[(layer, "jax.nn.dot_product_attention")] = _attention_grad(jax_nn_attention, jargs)
         programs[(layer, "ours")] = _attention_grad(layers.attention, jargs)
         programs[(layer, "PyTorch eager SDPA")] = torch_program
         log(f"[{name}] {layer}: B={B} T={T} heads={N}/{K} Dh={Dh}{' causal' if causal else ''}")
-    times = {k: [] for k in programs}
+    times, dq = {k: [] for k in programs}, {}
     for i in range(repeats + 1):  # the first round warms up (and compiles)
         for k, fn in programs.items():
             t0 = time.perf_counter()
             out = jax.block_until_ready(fn())
             if i:
                 times[k].append(time.perf_counter() - t0)
-            elif k[1] != "ours":  # the three compute the same dq
-                dq = np.asarray(out if k[1] == ATTENTION_VARIANTS[2] else out[0])
-                ours = np.asarray(programs[(k[0], "ours")]()[0])
-                np.testing.assert_allclose(ours, dq, atol=1e-4 * np.abs(dq).max(), err_msg=k)
+            else:
+                dq[k] = np.asarray(out[0])
+        if i == 0:  # before any is timed: the three agree on dq
+            for (layer, variant), got in dq.items():
+                ours = dq[(layer, "ours")]
+                tol = 1e-4 * np.abs(ours).max()
+                np.testing.assert_allclose(got, ours, atol=tol, err_msg=f"{layer}: {variant}")
     return {k: statistics.median(v) for k, v in times.items()}
 
 
